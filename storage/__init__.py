@@ -1,0 +1,1 @@
+"""chunkgate's storage layer: everything below HTTP. Never imports aiohttp or ``gateway``."""

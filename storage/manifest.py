@@ -1,0 +1,206 @@
+"""The manifest: the list of an object's chunks with their sizes and SHA-256, and its JSON form.
+
+Pure: parsing, validation, ETag derivation and chunk arithmetic. A manifest read from the store
+is hostile input until ``Manifest.from_json`` has validated it: a malformed one raises
+``ManifestError`` and is never used to compute a read outside the object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+FORMAT = "chunkgate.manifest/1"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(ValueError):
+    """A manifest that does not satisfy the format's invariants."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    index: int
+    offset: int
+    size: int
+    sha256: str | None  # None only for manifests imported from systems that kept sizes only
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    key: str
+    version: str
+    size: int
+    content_type: str
+    created: datetime
+    chunk_size: int
+    chunks: tuple[ChunkRef, ...]
+    etag: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.etag:
+            object.__setattr__(self, "etag", compute_etag(self.version, self.size, self.chunks))
+
+    # -- arithmetic ------------------------------------------------------------------------
+    def chunks_for(self, start: int, end: int) -> Iterator[ChunkRef]:
+        """The chunks overlapping bytes ``[start, end)``, in order."""
+        if start >= end:
+            return
+        first = start // self.chunk_size if self.chunk_size else 0
+        for ref in self.chunks[first:]:
+            if ref.offset >= end:
+                break
+            if ref.end > start:
+                yield ref
+
+    @property
+    def last_modified(self) -> datetime:
+        return self.created
+
+    def with_chunk(self, ref: ChunkRef) -> "Manifest":
+        """A copy with chunk ``ref.index`` replaced (sizes re-summed, offsets recomputed, ETag
+        recomputed): how a tolerated size drift is recorded."""
+        chunks = list(self.chunks)
+        chunks[ref.index] = ref
+        offset = 0
+        fixed = []
+        for c in chunks:
+            fixed.append(ChunkRef(c.index, offset, c.size, c.sha256))
+            offset += c.size
+        return replace(self, chunks=tuple(fixed), size=offset, etag="")
+
+    # -- JSON ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = dict(self.extra)
+        doc.update(
+            {
+                "format": FORMAT,
+                "key": self.key,
+                "version": self.version,
+                "size": self.size,
+                "content_type": self.content_type,
+                "etag": self.etag,
+                "created": self.created.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "chunk_size": self.chunk_size,
+                "chunks": [
+                    {"index": c.index, "offset": c.offset, "size": c.size, "sha256": c.sha256}
+                    for c in self.chunks
+                ],
+            }
+        )
+        return doc
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, *, expect_key: str | None = None) -> "Manifest":
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"manifest is not JSON: {exc}") from None
+        return cls.from_dict(doc, expect_key=expect_key)
+
+    @classmethod
+    def from_dict(cls, doc: Any, *, expect_key: str | None = None) -> "Manifest":
+        if not isinstance(doc, dict):
+            raise ManifestError("manifest is not a JSON object")
+        if doc.get("format") != FORMAT:
+            raise ManifestError(f"unknown manifest format {doc.get('format')!r}")
+        key = _req(doc, "key", str)
+        if expect_key is not None and key != expect_key:
+            raise ManifestError(f"manifest names key {key!r}, expected {expect_key!r}")
+        version = _req(doc, "version", str)
+        if not re.fullmatch(r"[0-9a-zA-Z_-]{1,64}", version):
+            raise ManifestError("manifest version id is malformed")
+        size = _nonneg(doc, "size")
+        chunk_size = _nonneg(doc, "chunk_size")
+        content_type = doc.get("content_type") or "application/octet-stream"
+        if not isinstance(content_type, str) or any(ord(c) < 0x20 for c in content_type):
+            raise ManifestError("manifest content_type is malformed")
+        created = _parse_time(doc.get("created"))
+        raw_chunks = doc.get("chunks")
+        if not isinstance(raw_chunks, list):
+            raise ManifestError("manifest chunks is not a list")
+        chunks = []
+        offset = 0
+        for i, c in enumerate(raw_chunks):
+            if not isinstance(c, dict):
+                raise ManifestError(f"chunk {i} is not an object")
+            index = c.get("index", i)
+            if index != i:
+                raise ManifestError(f"chunk {i} has index {index!r}")
+            csize = _nonneg(c, "size", where=f"chunk {i}")
+            if "offset" in c and c["offset"] != offset:
+                raise ManifestError(f"chunk {i} offset {c['offset']!r} is not the running sum {offset}")
+            sha = c.get("sha256")
+            if sha is not None and (not isinstance(sha, str) or not _HEX64.match(sha)):
+                raise ManifestError(f"chunk {i} sha256 is not 64 lowercase hex digits")
+            chunks.append(ChunkRef(i, offset, csize, sha))
+            offset += csize
+        if offset != size:
+            raise ManifestError(f"chunk sizes add up to {offset}, manifest says {size}")
+        if chunks and chunk_size <= 0:
+            raise ManifestError("manifest chunk_size must be positive")
+        known = {"format", "key", "version", "size", "content_type", "etag", "created", "chunk_size", "chunks"}
+        extra = {k: v for k, v in doc.items() if k not in known}
+        etag = doc.get("etag") if isinstance(doc.get("etag"), str) else ""
+        m = cls(key, version, size, content_type, created, chunk_size, tuple(chunks), "", extra)
+        if etag and etag != m.etag and _is_strong_etag(etag):
+            # Keep a stored ETag the format can vouch for (sizes-only imports keep theirs).
+            object.__setattr__(m, "etag", etag)
+        return m
+
+
+def compute_etag(version: str, size: int, chunks: tuple[ChunkRef, ...] | list[ChunkRef]) -> str:
+    """A strong ETag. From content when every chunk has a SHA-256 (the same bytes give the same
+    ETag on every gateway), else from the version id."""
+    if chunks and all(c.sha256 for c in chunks):
+        h = hashlib.sha256(str(size).encode())
+        for c in chunks:
+            h.update(bytes.fromhex(c.sha256))  # type: ignore[arg-type]
+        return f'"{h.hexdigest()[:32]}"'
+    if not chunks:
+        return '"' + hashlib.sha256(b"").hexdigest()[:32] + '"'
+    return f'"v-{version}"'
+
+
+def _is_strong_etag(value: str) -> bool:
+    return len(value) >= 2 and value[0] == '"' and value[-1] == '"' and '"' not in value[1:-1]
+
+
+def _req(doc: dict[str, Any], name: str, typ: type) -> Any:
+    value = doc.get(name)
+    if not isinstance(value, typ):
+        raise ManifestError(f"manifest field {name!r} is missing or not a {typ.__name__}")
+    return value
+
+
+def _nonneg(doc: dict[str, Any], name: str, *, where: str = "manifest") -> int:
+    value = doc.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ManifestError(f"{where} field {name!r} must be a non-negative integer")
+    return value
+
+
+def _parse_time(value: Any) -> datetime:
+    if value is None:
+        return datetime.now(timezone.utc).replace(microsecond=0)
+    if not isinstance(value, str):
+        raise ManifestError("manifest created is not a string")
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ManifestError(f"manifest created {value!r} is not an ISO 8601 time") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt
