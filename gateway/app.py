@@ -1,0 +1,229 @@
+"""The one place the aiohttp application is assembled: middlewares, routes, lifecycle."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from gateway import objects
+from gateway.auth import auth_middleware
+from gateway.config import ServeConfig
+from gateway.errors import error_middleware, json_error
+from gateway.metrics import Metrics, metrics_handler
+from storage.backends.base import Backend
+from storage.objects import ObjectStore, StoreOptions
+from storage.stack import StackOptions, build_store
+from storage.tolerance import SizeTolerance
+
+access_log = logging.getLogger("chunkgate.access")
+
+CORS_ALLOW_HEADERS = ("Range, If-Range, If-Match, If-None-Match, If-Modified-Since, If-Unmodified-Since, "
+                      "Authorization, Content-Type, Content-MD5, X-Checksum-SHA256, X-Request-Id, "
+                      "Tus-Resumable, Upload-Length, Upload-Offset, Upload-Metadata, Upload-Defer-Length, "
+                      "Upload-Checksum, Upload-Concat, X-HTTP-Method-Override")
+CORS_EXPOSE_HEADERS = ("Content-Range, Content-Length, Accept-Ranges, ETag, Last-Modified, X-Request-Id, "
+                       "Location, Upload-Offset, Upload-Length, Upload-Expires, Upload-Metadata, Tus-Resumable, "
+                       "Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm")
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def store_options(cfg: ServeConfig) -> StoreOptions:
+    return StoreOptions(
+        chunk_size=cfg.chunk_size,
+        cache_bytes=cfg.cache_size,
+        write_concurrency=cfg.write_concurrency,
+        readahead=cfg.readahead,
+        tolerance=SizeTolerance(cfg.size_tolerance_bytes, cfg.size_tolerance_ratio),
+        verify_reads=cfg.verify_reads == "sha256",
+        grace_seconds=cfg.grace,
+        max_object_size=cfg.max_object_size,
+        lock_timeout=cfg.lock_timeout,
+    )
+
+
+def stack_options(cfg: ServeConfig) -> StackOptions:
+    return StackOptions(
+        store=cfg.store,
+        s3_endpoint_url=cfg.s3_endpoint_url,
+        s3_region=cfg.s3_region,
+        lock_stale_after=cfg.lock_stale_after,
+        lock_timeout=cfg.lock_timeout,
+        locks=cfg.locks,
+        store_max_concurrency=cfg.store_max_concurrency,
+        store_max_rps=cfg.store_max_rps,
+    )
+
+
+def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any = None) -> web.Application:
+    """The gateway for ``cfg``. ``backend``: use this raw backend instead of opening ``cfg.store``
+    (tests); ``faults``: a fault plan injected under the store (tests and debugging)."""
+    metrics = Metrics()
+    opts = stack_options(cfg)
+    opts.faults = faults
+    store = build_store(opts, store_options(cfg), metrics, raw=backend)
+    metrics.attach_store(store, store.locks)
+
+    app = web.Application(
+        middlewares=[
+            request_id_middleware,
+            metrics.middleware(),
+            cors_middleware(cfg.cors_origins),
+            error_middleware,
+            auth_middleware(cfg.auth_token, cfg.signing_key),
+        ],
+        client_max_size=1024**2,  # bodies we buffer (tus metadata, JSON); object bodies stream
+        handler_args={"max_field_size": 16 * 1024, "max_line_size": 16 * 1024},
+    )
+    app["config"] = cfg
+    app["config_max_ranges"] = 16
+    app["metrics"] = metrics
+    app["store"] = store
+    app["started"] = time.time()
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/admin/locks", admin_locks)
+    app.router.add_get("/objects", objects.list_objects)
+    app.router.add_get("/objects/", objects.list_objects)
+    _add_uploads(app)
+    # [\s\S] (not .) so that keys with a percent-encoded newline reach the handler and get a 400.
+    app.router.add_route("*", r"/objects/{key:[\s\S]+}", objects.object_dispatch)
+    app.router.add_route("*", r"/{path:[\s\S]*}", fallback)
+
+    async def on_startup(app: web.Application) -> None:
+        check = getattr(store.backend, "check", None)
+        if check is not None:
+            await check()
+
+    async def on_cleanup(app: web.Application) -> None:
+        uploads = app.get("uploads")
+        if uploads is not None and hasattr(uploads, "close"):
+            await uploads.close()
+        await store.close()
+        await store.backend.close()
+
+    app.on_response_prepare.append(decorate_response)
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+def _add_uploads(app: web.Application) -> None:
+    """tus uploads, when that module is present."""
+    try:
+        from gateway import tus
+    except ImportError:
+        return
+    tus.setup(app)
+
+
+async def decorate_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every response carries, set just before headers go out (streamed responses too)."""
+    response.headers.setdefault("X-Request-Id", request.get("request_id", ""))
+    allow = request.get("cors_allow")
+    if allow is not None and "Access-Control-Allow-Origin" not in response.headers:
+        response.headers["Access-Control-Allow-Origin"] = allow
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
+        if allow != "*":
+            response.headers["Vary"] = "Origin"
+
+
+async def fallback(request: web.Request) -> web.StreamResponse:
+    # URL normalization (a '..' segment) can route /objects/... requests here: still a bad key.
+    if request.raw_path.startswith("/objects/"):
+        return await objects.object_dispatch(request)
+    return json_error(404, "not_found", f"no route for {request.method} {request.path}")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "uptime_seconds": round(time.time() - request.app["started"], 3)})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    store: ObjectStore = request.app["store"]
+    check = getattr(store.backend, "check", None)
+    try:
+        if check is not None:
+            await check()
+        else:
+            async for _ in store.backend.list("m/"):
+                break
+    except Exception as exc:
+        return json_error(503, "store_unavailable", f"the store does not answer: {exc}")
+    return web.json_response({"status": "ready", "store": store.backend.name})
+
+
+async def admin_locks(request: web.Request) -> web.Response:
+    return web.json_response(request.app["store"].locks.snapshot())
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    rid = request.headers.get("X-Request-Id", "")
+    if not rid or len(rid) > 128 or not rid.isprintable():
+        rid = uuid.uuid4().hex
+    request["request_id"] = rid
+    t0 = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        exc.headers["X-Request-Id"] = rid
+        raise
+    finally:
+        access_log.info(
+            "%s %s %s %d %d %.4f",
+            request.remote, request.method, request.path_qs if len(request.path_qs) < 2048 else request.path, status,
+            request.get("chunkgate.bytes_sent", 0), time.perf_counter() - t0,
+            extra={"request_id": rid, "method": request.method, "path": request.path, "status": status,
+                   "bytes_sent": request.get("chunkgate.bytes_sent", 0), "duration_s": round(time.perf_counter() - t0, 6),
+                   "remote": request.remote},
+        )
+
+
+def cors_middleware(origins_setting: str) -> Any:
+    origins = {o.strip() for o in origins_setting.split(",") if o.strip()}
+    any_origin = "*" in origins
+
+    def allowed(origin: str, method: str) -> str | None:
+        if origin in origins:
+            return origin
+        if any_origin and method in READ_METHODS:
+            return "*"  # the default: anyone may read (auth still applies), not write
+        return None
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if request.method == "OPTIONS" and origin and "Access-Control-Request-Method" in request.headers:
+            wanted = request.headers["Access-Control-Request-Method"].upper()
+            allow = allowed(origin, wanted)
+            if allow is None:
+                return json_error(403, "cors_forbidden", f"origin {origin} may not {wanted} here")
+            methods = "GET, HEAD, OPTIONS" if allow == "*" else "GET, HEAD, PUT, DELETE, POST, PATCH, OPTIONS"
+            return web.Response(status=204, headers={
+                "Access-Control-Allow-Origin": allow,
+                "Access-Control-Allow-Methods": methods,
+                "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
+                "Access-Control-Expose-Headers": CORS_EXPOSE_HEADERS,
+                "Access-Control-Max-Age": "600",
+                "Vary": "Origin",
+            })
+        if request.method == "OPTIONS" and request.path.startswith("/objects/"):
+            return web.Response(status=204, headers={"Allow": "GET, HEAD, PUT, DELETE, OPTIONS",
+                                                     "Access-Control-Allow-Origin": "*" if any_origin else "",
+                                                     "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
+                                                     "Access-Control-Expose-Headers": CORS_EXPOSE_HEADERS})
+        if origin:
+            request["cors_allow"] = allowed(origin, request.method)
+        return await handler(request)
+
+    return middleware

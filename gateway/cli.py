@@ -1,0 +1,164 @@
+"""The ``chunkgate`` command: serve, sign, put, get, gc, fsck.
+
+Every failure a user can cause ends in one line on stderr and a non-zero exit (2 for bad
+configuration), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from typing import Sequence
+
+from gateway.config import ConfigError, ServeConfig, add_serve_arguments, parse_duration, resolve
+
+
+class JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for field in ("request_id", "method", "path", "status", "bytes_sent", "duration_s", "remote"):
+            if hasattr(record, field):
+                doc[field] = getattr(record, field)
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def setup_logging(cfg: ServeConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if cfg.log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(cfg.log_level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # ours carries the request id
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"chunkgate: {message}", file=sys.stderr)
+    return code
+
+
+# ------------------------------------------------------------------------------------ serve
+async def serve(cfg: ServeConfig) -> int:
+    from aiohttp import web
+
+    from gateway.app import build_app
+
+    try:
+        app = build_app(cfg)
+    except ValueError as exc:  # open_backend's one-line complaints about --store
+        return fail(f"--store: {exc}")
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.shutdown_timeout,
+                           keepalive_timeout=75.0, handle_signals=False)
+    try:
+        await runner.setup()
+    except Exception as exc:  # the store's startup check: missing bucket, bad credentials
+        return fail(f"--store: the store {cfg.store} is not usable: {exc}")
+    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=512)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        return fail(f"--port: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}")
+    sockets = [s for s in (site._server.sockets if site._server else [])]  # type: ignore[union-attr]
+    port = sockets[0].getsockname()[1] if sockets else cfg.port
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    print(f"chunkgate listening on http://{host}:{port} (store: {app['store'].backend.name})", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger("chunkgate").info("shutting down: finishing in-flight requests (up to %gs)", cfg.shutdown_timeout)
+    # aiohttp stops accepting, lets handlers finish up to shutdown_timeout, then cancels them;
+    # a cancelled PUT or PATCH aborts its upload, so nothing half-done is committed.
+    await runner.cleanup()
+    return 0
+
+
+def cmd_serve(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="chunkgate serve", description="Run the gateway.")
+    add_serve_arguments(parser)
+    try:
+        cfg = resolve(parser.parse_args(list(argv)))
+    except ConfigError as exc:
+        return fail(str(exc))
+    setup_logging(cfg)
+    try:
+        return asyncio.run(serve(cfg))
+    except KeyboardInterrupt:
+        return 0
+
+
+# ------------------------------------------------------------------------------------ sign
+def cmd_sign(argv: Sequence[str]) -> int:
+    import os
+
+    from gateway.auth import signed_url
+    from storage.keys import BadKey, validate_key
+
+    parser = argparse.ArgumentParser(prog="chunkgate sign", description="Print a signed, expiring read URL.")
+    parser.add_argument("key")
+    parser.add_argument("--expires-in", default="1h")
+    parser.add_argument("--signing-key", default=os.environ.get("CHUNKGATE_SIGNING_KEY"))
+    parser.add_argument("--url", default=os.environ.get("CHUNKGATE_URL", "http://127.0.0.1:8080"))
+    args = parser.parse_args(list(argv))
+    if not args.signing_key:
+        return fail("--signing-key: needed (or CHUNKGATE_SIGNING_KEY)")
+    try:
+        validate_key(args.key)
+        expires_in = parse_duration(args.expires_in)
+    except BadKey as exc:
+        return fail(f"KEY: {exc}")
+    except ValueError as exc:
+        return fail(f"--expires-in: {exc}")
+    print(signed_url(args.url, args.signing_key, args.key, expires_in))
+    return 0
+
+
+COMMANDS = {
+    "serve": ("run the gateway", "gateway.cli:cmd_serve"),
+    "sign": ("print a signed read URL", "gateway.cli:cmd_sign"),
+    "put": ("upload a file (resumable, tus)", "gateway.client:cmd_put"),
+    "get": ("download an object", "gateway.client:cmd_get"),
+    "gc": ("delete unreferenced chunks and expired uploads", "gateway.maintenance:cmd_gc"),
+    "fsck": ("check every manifest against its chunks", "gateway.maintenance:cmd_fsck"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: chunkgate COMMAND [options]\n\ncommands:")
+        for name, (summary, _) in COMMANDS.items():
+            print(f"  {name:<6} {summary}")
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        return fail(f"unknown command {name!r}; try: {', '.join(COMMANDS)}")
+    module_name, func_name = COMMANDS[name][1].split(":")
+    import importlib
+
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError):
+        return fail(f"the {name} command is not available in this build")
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

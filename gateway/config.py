@@ -1,0 +1,227 @@
+"""Configuration of ``chunkgate serve``: the flags of API.md, their environment variables, and the
+pure parsers for sizes and durations. Parsing raises ``ConfigError`` naming the bad setting; the
+CLI prints it as one line and exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+
+class ConfigError(ValueError):
+    """A bad setting. The message names it (``--chunk-size: ...``)."""
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3, "ti": 1024**4, "tib": 1024**4,
+}
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_size(text: str) -> int:
+    """``8MiB`` -> 8388608, ``5MB`` -> 5000000, ``1024`` -> 1024. Units are case-insensitive."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size (examples: 8MiB, 5MB, 1048576)")
+    value = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if value != int(value):
+        raise ValueError(f"{text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def parse_duration(text: str) -> float:
+    """``30s`` -> 30.0, ``500ms`` -> 0.5, ``1h`` -> 3600.0, ``2`` -> 2.0 (seconds)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _DURATION_UNITS:
+        raise ValueError(f"{text!r} is not a duration (examples: 30s, 500ms, 2m, 1h)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+
+
+def parse_ratio(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise ValueError(f"{text!r} is not a ratio between 0 and 1")
+    return value
+
+
+def parse_nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"{text!r} is negative")
+    return value
+
+
+def parse_port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{text!r} is not a port number (0-65535)")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    store: str = "./chunkgate-data"
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    chunk_size: int = 8 * 1024 * 1024
+    cache_size: int = 256 * 1024 * 1024
+    lock_stale_after: float = 30.0
+    lock_timeout: float = 20.0
+    size_tolerance_bytes: int = 2048
+    size_tolerance_ratio: float = 0.001
+    auth_token: list[str] = field(default_factory=list)
+    auth_token_file: str | None = None
+    signing_key: str | None = None
+    allow_anonymous_writes: bool = False
+    verify_reads: str = "sha256"
+    write_concurrency: int = 4
+    readahead: int = 2
+    cors_origins: str = "*"
+    max_object_size: int | None = None
+    grace: float = 300.0
+    gc_interval: float = 0.0
+    log_format: str = "text"
+    log_level: str = "info"
+    shutdown_timeout: float = 30.0
+    body_timeout: float = 60.0
+    max_upload_size: int = 1 << 40
+    upload_expiry: float = 86400.0
+    locks: str = "auto"
+    store_max_concurrency: int = 64
+    store_max_rps: float = 0.0
+
+
+# (flag, dest, parser, help). The env variable is CHUNKGATE_<FLAG> (upper case, '-' -> '_').
+_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
+    ("--host", "host", str, "address to listen on"),
+    ("--port", "port", parse_port, "port to listen on (0 picks a free one)"),
+    ("--store", "store", str, "a directory, file:///abs/path, or s3://BUCKET[/PREFIX]"),
+    ("--s3-endpoint-url", "s3_endpoint_url", str, "S3-compatible endpoint (also AWS_ENDPOINT_URL)"),
+    ("--s3-region", "s3_region", str, "S3 region"),
+    ("--chunk-size", "chunk_size", parse_size, "chunk size for new objects (8MiB, 5MB, bytes)"),
+    ("--cache-size", "cache_size", parse_size, "bytes of hot chunks kept in memory"),
+    ("--lock-stale-after", "lock_stale_after", parse_duration, "a lock not renewed this long is stale"),
+    ("--lock-timeout", "lock_timeout", parse_duration, "how long a request waits for a lock"),
+    ("--size-tolerance-bytes", "size_tolerance_bytes", parse_nonneg_int, "accepted chunk size drift in bytes"),
+    ("--size-tolerance-ratio", "size_tolerance_ratio", parse_ratio, "accepted chunk size drift as a ratio"),
+    ("--auth-token-file", "auth_token_file", str, "a file with one bearer token per line"),
+    ("--signing-key", "signing_key", str, "when set, reads need a signed URL"),
+    ("--verify-reads", "verify_reads", str, "sha256 (default) or none: checksum chunks fetched from the store"),
+    ("--write-concurrency", "write_concurrency", parse_nonneg_int, "chunk uploads in flight per PUT"),
+    ("--readahead", "readahead", parse_nonneg_int, "chunks fetched ahead of a sequential read"),
+    ("--cors-origins", "cors_origins", str, "allowed CORS origins for reads, comma-separated, or *"),
+    ("--max-object-size", "max_object_size", parse_size, "largest object accepted"),
+    ("--grace", "grace", parse_duration, "how long replaced versions stay readable before deletion"),
+    ("--gc-interval", "gc_interval", parse_duration, "run gc inside serve this often (0 = never)"),
+    ("--log-format", "log_format", str, "text or json"),
+    ("--log-level", "log_level", str, "debug, info, warning, error"),
+    ("--shutdown-timeout", "shutdown_timeout", parse_duration, "how long in-flight requests may finish on SIGTERM"),
+    ("--body-timeout", "body_timeout", parse_duration, "a request body idle this long is abandoned (408)"),
+    ("--upload-expiry", "upload_expiry", parse_duration, "tus uploads expire after this long without progress"),
+    ("--locks", "locks", str, "local, store or auto (store for s3, local otherwise)"),
+    ("--store-max-concurrency", "store_max_concurrency", parse_nonneg_int, "store requests in flight at most"),
+    ("--store-max-rps", "store_max_rps", float, "store requests per second at most (0 = unlimited)"),
+]
+
+
+def env_name(flag: str) -> str:
+    return "CHUNKGATE_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag, dest, _parser, help_text in _FLAGS:
+        parser.add_argument(flag, dest=dest, default=None, help=f"{help_text} [env {env_name(flag)}]")
+    parser.add_argument("--auth-token", dest="auth_token", action="append", default=None,
+                        help=f"bearer token that may write and administer (repeatable) [env {env_name('--auth-token')}, comma-separated]")
+    parser.add_argument("--allow-anonymous-writes", dest="allow_anonymous_writes", action="store_const", const="true",
+                        default=None, help=f"permit writes without tokens on a non-loopback host [env {env_name('--allow-anonymous-writes')}]")
+
+
+def resolve(ns: argparse.Namespace, environ: dict[str, str] | None = None) -> ServeConfig:
+    """Flags win over environment variables, which win over defaults."""
+    env = os.environ if environ is None else environ
+    cfg = ServeConfig()
+    specs = _FLAGS + [("--allow-anonymous-writes", "allow_anonymous_writes", parse_bool, "")]
+    for flag, dest, parse, _ in specs:
+        raw = getattr(ns, dest, None)
+        if raw is None:
+            raw = env.get(env_name(flag))
+        if raw is None:
+            continue
+        try:
+            setattr(cfg, dest, parse(raw))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{flag}: {exc}") from None
+    tokens = list(ns.auth_token or [])
+    if not tokens and env.get(env_name("--auth-token")):
+        tokens = [t.strip() for t in env[env_name("--auth-token")].split(",") if t.strip()]
+    if cfg.auth_token_file:
+        try:
+            with open(cfg.auth_token_file, encoding="utf-8") as fh:
+                tokens += [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+        except OSError as exc:
+            raise ConfigError(f"--auth-token-file: cannot read {cfg.auth_token_file}: {exc.strerror}") from None
+    cfg.auth_token = tokens
+    if cfg.s3_endpoint_url is None:
+        cfg.s3_endpoint_url = env.get("AWS_ENDPOINT_URL") or None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ServeConfig) -> None:
+    if cfg.chunk_size < 1024:
+        raise ConfigError("--chunk-size: must be at least 1KiB")
+    if cfg.chunk_size > 5 * 1024**3:
+        raise ConfigError("--chunk-size: must be at most 5GiB (the S3 object limit)")
+    if cfg.lock_stale_after <= 0:
+        raise ConfigError("--lock-stale-after: must be positive")
+    if cfg.lock_timeout <= 0:
+        raise ConfigError("--lock-timeout: must be positive")
+    if cfg.verify_reads not in ("sha256", "none"):
+        raise ConfigError("--verify-reads: must be sha256 or none")
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError("--log-format: must be text or json")
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError("--log-level: must be debug, info, warning or error")
+    if cfg.locks not in ("auto", "local", "store"):
+        raise ConfigError("--locks: must be local, store or auto")
+    if cfg.write_concurrency < 1:
+        raise ConfigError("--write-concurrency: must be at least 1")
+    if not cfg.store:
+        raise ConfigError("--store: must not be empty")
+    if not is_loopback(cfg.host) and not cfg.auth_token and not cfg.allow_anonymous_writes:
+        raise ConfigError(
+            f"--host: {cfg.host} is not a loopback address; set --auth-token (or --allow-anonymous-writes) to serve on it"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_serve_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> ServeConfig:
+    parser = argparse.ArgumentParser(prog="chunkgate serve")
+    add_serve_arguments(parser)
+    return resolve(parser.parse_args(list(argv)), environ)

@@ -1,0 +1,263 @@
+"""HTTP handlers for ``/objects``: PUT, GET, HEAD, DELETE, ``?manifest`` and listing.
+
+HTTP only: the range and precondition rules live in ``gateway.ranges`` / ``gateway.conditions``
+(pure), the object logic in ``storage.objects``. HEAD runs the GET path with the body switched
+off, so both always send the same headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any, AsyncIterator
+from urllib.parse import unquote_to_bytes
+
+from aiohttp import web
+
+from gateway import conditions, ranges
+from gateway.errors import HTTPError
+from gateway.mediatypes import guess_content_type, normalize_content_type
+from storage.errors import ChunkRejected, ChunkSizeDrift, IncompleteBody, ObjectError, PreconditionNotMet
+from storage.keys import BadKey, validate_key
+from storage.manifest import Manifest
+from storage.objects import ObjectStore
+
+log = logging.getLogger("chunkgate.http")
+
+CACHE_CONTROL = "public, max-age=0, must-revalidate"  # keys can be overwritten: always revalidate
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def object_key(request: web.Request) -> str:
+    """The object key from the raw path: percent-decoded here, after routing, so that no URL
+    normalization (dot segments, merged slashes) can change which key a request names."""
+    raw = request.raw_path.split("?", 1)[0]
+    if not raw.startswith("/objects/"):
+        raise BadKey("the path must be /objects/{key}")
+    try:
+        key = unquote_to_bytes(raw[len("/objects/"):]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadKey("the key is not valid UTF-8") from None
+    return validate_key(key)
+
+
+def store_of(request: web.Request) -> ObjectStore:
+    return request.app["store"]
+
+
+def owner_of(request: web.Request) -> str:
+    return f"{request.method} {request.get('request_id', '-')}"
+
+
+def object_headers(m: Manifest) -> dict[str, str]:
+    return {
+        "ETag": m.etag,
+        "Last-Modified": conditions.http_date(m.last_modified),
+        "Accept-Ranges": "bytes",
+        "Cache-Control": CACHE_CONTROL,
+    }
+
+
+# ---------------------------------------------------------------------------------- PUT
+async def put_object(request: web.Request) -> web.Response:
+    key = object_key(request)
+    store = store_of(request)
+    content_type = normalize_content_type(request.headers.get("Content-Type")) or guess_content_type(key)
+    sha = request.headers.get("X-Checksum-SHA256")
+    if sha is not None and not _HEX64.match(sha.strip()):
+        raise HTTPError(400, "bad_checksum", "X-Checksum-SHA256 must be 64 hex digits")
+    length = request.content_length  # None for chunked bodies: then the stream decides
+
+    def check(current_etag: str | None) -> None:
+        if conditions.evaluate_write(request.headers, current_etag=current_etag) is not conditions.Outcome.PROCEED:
+            raise PreconditionNotMet("the object's current state does not satisfy If-Match / If-None-Match")
+
+    manifest = await store.put(
+        key,
+        request_body(request),
+        content_type=content_type,
+        content_length=length,
+        content_md5=request.headers.get("Content-MD5"),
+        sha256_hex=sha.strip() if sha else None,
+        check=check if ("If-Match" in request.headers or "If-None-Match" in request.headers) else None,
+        owner=owner_of(request),
+    )
+    body = {"key": key, "size": manifest.size, "etag": manifest.etag, "version": manifest.version,
+            "chunks": len(manifest.chunks)}
+    return web.json_response(body, status=201, headers={"ETag": manifest.etag, "Location": request.path})
+
+
+async def request_body(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body as pieces, with an idle timeout: a client that stops sending gets 408
+    and nothing is committed (the store's caller aborts the upload)."""
+    timeout = request.app["config"].body_timeout
+    received = 0
+    stream = request.content
+    while True:
+        try:
+            piece = await asyncio.wait_for(stream.readany(), timeout=timeout or None)
+        except asyncio.TimeoutError:
+            raise HTTPError(408, "body_timeout", f"the request body stalled for {timeout:g} s; nothing was committed") from None
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            raise IncompleteBody(f"the client went away mid-body: {exc}") from None
+        except Exception as exc:  # aiohttp's payload errors (bad chunked encoding, short body)
+            if type(exc).__name__ in ("ClientPayloadError", "ContentLengthError", "TransferEncodingError", "EofStream"):
+                raise IncompleteBody(f"the request body was cut short: {exc}") from None
+            raise
+        if not piece:
+            break
+        received += len(piece)
+        request["chunkgate.bytes_received"] = received
+        yield piece
+
+
+# ---------------------------------------------------------------------------------- GET/HEAD
+async def get_object(request: web.Request) -> web.StreamResponse:
+    key = object_key(request)
+    store = store_of(request)
+    if "manifest" in request.query:
+        manifest = await store.head(key)
+        return web.json_response(manifest.to_dict(), headers={"ETag": manifest.etag, "Cache-Control": "no-cache"})
+    for attempt in range(2):
+        manifest = await store.head(key) if attempt == 0 else await _fresh(store, key)
+        try:
+            return await _serve(request, store, manifest)
+        except ChunkSizeDrift:
+            # Found before any header was sent: wait for the repaired manifest and answer with
+            # headers that match the bytes as stored.
+            await store.wait_repair(key)
+    raise HTTPError(503, "chunk_size_drift", "the object's manifest is being repaired; try again", headers={"Retry-After": "1"})
+
+
+async def _fresh(store: ObjectStore, key: str) -> Manifest:
+    store._manifests.pop(key, None)
+    return await store.head(key)
+
+
+async def _serve(request: web.Request, store: ObjectStore, m: Manifest) -> web.StreamResponse:
+    headers = object_headers(m)
+    decision = conditions.evaluate(request.method, request.headers, etag=m.etag, last_modified=m.last_modified)
+    if decision.outcome is conditions.Outcome.NOT_MODIFIED:
+        return web.Response(status=304, headers=headers)
+    if decision.outcome is conditions.Outcome.PRECONDITION_FAILED:
+        raise HTTPError(412, "precondition_failed", "the object does not satisfy the request's preconditions")
+    max_ranges = request.app["config_max_ranges"]
+    try:
+        wanted = ranges.parse_range(request.headers.get("Range"), m.size, max_ranges=max_ranges) if decision.honor_range else None
+    except ranges.Unsatisfiable:
+        raise HTTPError(416, "range_not_satisfiable", f"the object is {m.size} bytes long",
+                        headers={"Content-Range": ranges.unsatisfied_range(m.size), **headers}) from None
+    head_only = request.method == "HEAD"
+    if wanted is None:
+        status, parts, multipart = 200, [ranges.ByteRange(0, m.size)], None
+        headers["Content-Type"] = m.content_type
+        length = m.size
+    elif len(wanted) == 1:
+        status, parts, multipart = 206, wanted, None
+        headers["Content-Type"] = m.content_type
+        headers["Content-Range"] = ranges.content_range(wanted[0], m.size)
+        length = wanted[0].end - wanted[0].start
+    else:
+        status, parts = 206, wanted
+        multipart = ranges.MultipartByteranges(wanted, m.size, m.content_type)
+        headers["Content-Type"] = multipart.content_type_header
+        length = multipart.content_length()
+    headers["Content-Length"] = str(length)
+    if head_only:
+        return web.Response(status=status, headers=headers)
+
+    # Pull the first bytes before sending headers: a missing, corrupt or drifted first chunk is
+    # then a clean error status instead of a broken body.
+    streams = [store.read(m, p.start, p.end) for p in parts]
+    first = await _first_piece(streams[0]) if parts[0].end > parts[0].start else None
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_length = length
+    await response.prepare(request)
+    sent = 0
+    try:
+        for i, stream in enumerate(streams):
+            if multipart is not None:
+                sent += await _write(response, multipart.part_header(i))
+            if i == 0 and first is not None:
+                sent += await _write(response, first)
+            async for piece in stream:
+                sent += await _write(response, piece)
+        if multipart is not None:
+            sent += await _write(response, multipart.trailer())
+    except (ChunkRejected, ChunkSizeDrift, ObjectError) as exc:
+        # Headers are gone: the only honest thing left is to end the connection, so the client
+        # sees a short body instead of bytes that contradict Content-Length or the ETag.
+        log.error("aborting response for %r after %d bytes: %s", m.key, sent, exc)
+        request["chunkgate.bytes_sent"] = sent
+        _abort(request)
+        return response
+    finally:
+        request["chunkgate.bytes_sent"] = sent
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+    await response.write_eof()
+    return response
+
+
+async def _first_piece(stream: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _write(response: web.StreamResponse, data: Any) -> int:
+    await response.write(data)
+    return len(data)
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+# ---------------------------------------------------------------------------------- DELETE
+async def delete_object(request: web.Request) -> web.Response:
+    key = object_key(request)
+
+    def check(current_etag: str | None) -> None:
+        if conditions.evaluate_write(request.headers, current_etag=current_etag) is not conditions.Outcome.PROCEED:
+            raise PreconditionNotMet("the object's current state does not satisfy If-Match")
+
+    await store_of(request).delete(key, check=check, owner=owner_of(request))
+    return web.Response(status=204)
+
+
+# ---------------------------------------------------------------------------------- listing
+MAX_LIST = 1000
+
+
+async def list_objects(request: web.Request) -> web.Response:
+    prefix = request.query.get("prefix", "")
+    after = request.query.get("after") or None
+    raw_limit = request.query.get("limit", str(MAX_LIST))
+    try:
+        limit = int(raw_limit)
+    except ValueError:
+        raise HTTPError(400, "bad_limit", f"limit must be a whole number from 1 to {MAX_LIST}") from None
+    if not 1 <= limit <= MAX_LIST:
+        raise HTTPError(400, "bad_limit", f"limit must be a whole number from 1 to {MAX_LIST}")
+    if len(prefix.encode()) > 1024 or any(ord(c) < 0x20 for c in prefix + (after or "")):
+        raise HTTPError(400, "bad_prefix", "prefix and after must be at most 1024 bytes without control characters")
+    manifests, next_after = await store_of(request).list(prefix, after=after, limit=limit)
+    objects = [
+        {"key": m.key, "size": m.size, "etag": m.etag, "last_modified": conditions.http_date(m.last_modified),
+         "content_type": m.content_type}
+        for m in manifests
+    ]
+    return web.json_response({"objects": objects, "next_after": next_after})
+
+
+async def object_dispatch(request: web.Request) -> web.StreamResponse:
+    handler = {"GET": get_object, "HEAD": get_object, "PUT": put_object, "DELETE": delete_object}.get(request.method)
+    if handler is None:
+        raise HTTPError(405, "method_not_allowed", f"{request.method} is not allowed on objects",
+                        headers={"Allow": "GET, HEAD, PUT, DELETE, OPTIONS"})
+    return await handler(request)

@@ -1,0 +1,93 @@
+"""Errors of the object layer, typed where they arise. The gateway maps them to HTTP in one place
+(``gateway.errors``); nothing here knows about status codes."""
+
+from __future__ import annotations
+
+
+class ObjectError(Exception):
+    """Base of object-layer errors. ``code`` is the stable machine-readable error code."""
+
+    code = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ObjectNotFound(ObjectError):
+    code = "not_found"
+
+
+class PreconditionNotMet(ObjectError):
+    """If-Match / If-None-Match on a write did not hold (HTTP 412)."""
+
+    code = "precondition_failed"
+
+
+class ChecksumMismatch(ObjectError):
+    """A client-supplied Content-MD5 / X-Checksum-SHA256 did not match the body (HTTP 400)."""
+
+    code = "checksum_mismatch"
+
+
+class BadRequest(ObjectError):
+    code = "bad_request"
+
+
+class BodyTooLarge(ObjectError):
+    code = "too_large"
+
+
+class IncompleteBody(ObjectError):
+    """The client announced more bytes than it sent (disconnect or stall)."""
+
+    code = "incomplete_body"
+
+
+class CommitConflict(ObjectError):
+    """The writer lost its lease (stale-cleared) or lost the conditional manifest write to
+    another writer and the request's semantics forbid retrying (HTTP 409)."""
+
+    code = "conflict"
+
+
+class StoreUnavailable(ObjectError):
+    """The store failed transiently; the client may retry (HTTP 503, Retry-After)."""
+
+    code = "store_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StoreFailed(ObjectError):
+    """The store failed permanently or returned something we cannot use (HTTP 502)."""
+
+    code = "store_error"
+
+
+class ChunkRejected(StoreFailed):
+    """A chunk's stored bytes contradict its manifest beyond tolerance, or its SHA-256 differs
+    at the exact size. Never served."""
+
+    code = "chunk_corrupt"
+
+    def __init__(self, message: str, *, key: str, index: int, expected: int, actual: int) -> None:
+        super().__init__(message)
+        self.key, self.index, self.expected, self.actual = key, index, expected, actual
+
+
+class ChunkSizeDrift(ObjectError):
+    """A chunk's stored size differs from the manifest within tolerance. The manifest has been
+    (or is being) repaired; a response whose headers used the old size must not go on."""
+
+    code = "chunk_size_drift"
+
+    def __init__(self, message: str, *, key: str, index: int, expected: int, actual: int) -> None:
+        super().__init__(message)
+        self.key, self.index, self.expected, self.actual = key, index, expected, actual
+
+
+class CorruptManifest(StoreFailed):
+    code = "corrupt_manifest"

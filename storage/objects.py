@@ -1,0 +1,549 @@
+"""ObjectStore: chunked objects with verified manifests on top of one ``Backend``.
+
+Writes stream a body into fresh per-chunk buffers, store each chunk create-only under a version
+id no other upload uses, read its size back, record its SHA-256, and commit the manifest last,
+under the key's lock, with a conditional write. Reads fetch only the chunks a range needs,
+through the single-flight ``ChunkCache``, and check every chunk against the manifest before a
+byte of it is handed out.
+
+Must never: import aiohttp or ``gateway``; overwrite a chunk; commit a manifest that references a
+chunk it has not verified; skip, pad or truncate a chunk on read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, AsyncIterable, AsyncIterator, Callable
+
+from cachetools import TTLCache
+
+from storage import keys
+from storage.backends.base import Backend, NotFound, PermanentError, PreconditionFailed, TransientError
+from storage.cache import ChunkCache
+from storage.errors import (
+    BodyTooLarge,
+    ChecksumMismatch,
+    ChunkRejected,
+    ChunkSizeDrift,
+    CommitConflict,
+    CorruptManifest,
+    IncompleteBody,
+    ObjectNotFound,
+    PreconditionNotMet,
+    StoreFailed,
+    StoreUnavailable,
+)
+from storage.manifest import ChunkRef, Manifest, ManifestError
+from storage.tolerance import SizeTolerance, Verdict
+
+log = logging.getLogger("chunkgate.objects")
+
+
+@dataclass
+class IntegrityStats:
+    """Plain counters; ``gateway.metrics`` exports them."""
+
+    size_tolerated: int = 0
+    size_rejected: int = 0
+    checksum_mismatch: int = 0
+    manifest_repairs: int = 0
+    objects_committed: int = 0
+    commit_conflicts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredChunk:
+    """A chunk as fetched from the store: its bytes and the SHA-256 computed once at fetch."""
+
+    data: bytes
+    sha256: str | None
+
+
+@dataclass
+class StoreOptions:
+    chunk_size: int = 8 * 1024 * 1024
+    cache_bytes: int = 256 * 1024 * 1024
+    write_concurrency: int = 4  # chunk uploads in flight per PUT: memory ~ (N+1) x chunk_size
+    readahead: int = 2  # chunks fetched ahead of a sequential read
+    tolerance: SizeTolerance = field(default_factory=SizeTolerance)
+    verify_reads: bool = True  # SHA-256 of every chunk fetched from the store
+    manifest_ttl: float = 1.0  # seconds a manifest may be served from memory (other gateways' writes)
+    grace_seconds: float = 300.0  # replaced versions are deleted this long after replacement
+    max_object_size: int | None = None
+    small_read_bytes: int = 256 * 1024  # cold reads up to this size fetch a byte range, not the chunk
+    lock_timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Current:
+    """The committed manifest of a key and the store ETag of its manifest record (for CAS)."""
+
+    manifest: Manifest
+    store_etag: str
+
+
+class ObjectStore:
+    def __init__(self, backend: Backend, locks: Any, options: StoreOptions | None = None) -> None:
+        self.backend = backend
+        self.locks = locks
+        self.options = options or StoreOptions()
+        self.stats = IntegrityStats()
+        self.cache: ChunkCache[StoredChunk] = ChunkCache(self.options.cache_bytes, lambda c: len(c.data) + 64)
+        self._manifests: TTLCache = TTLCache(maxsize=4096, ttl=self.options.manifest_ttl)
+        self._pending_gc: set[asyncio.Task[None]] = set()
+        self._repairs: dict[str, asyncio.Task[None]] = {}
+
+    # ------------------------------------------------------------------ reads: manifests
+    async def head(self, key: str) -> Manifest:
+        """The committed manifest of ``key``; raises ``ObjectNotFound``."""
+        return (await self._current(key)).manifest
+
+    async def _current(self, key: str, *, fresh: bool = False) -> Current:
+        if not fresh:
+            hit = self._manifests.get(key)
+            if hit is not None:
+                return hit
+        current = await self._read_current(key)
+        self._manifests[key] = current
+        return current
+
+    async def _read_current(self, key: str) -> Current:
+        try:
+            blob = await self.backend.get(keys.manifest_key(key))
+        except NotFound:
+            raise ObjectNotFound(f"no object at key {key!r}") from None
+        except TransientError as exc:
+            raise StoreUnavailable(f"the store failed reading the manifest: {exc}", retry_after=exc.retry_after) from exc
+        except PermanentError as exc:
+            raise StoreFailed(f"the store refused reading the manifest: {exc}") from exc
+        try:
+            manifest = Manifest.from_json(blob.data, expect_key=key)
+        except ManifestError as exc:
+            raise CorruptManifest(f"the manifest of {key!r} is damaged: {exc}") from exc
+        return Current(manifest, blob.etag)
+
+    async def _current_or_none(self, key: str) -> Current | None:
+        try:
+            return await self._current(key, fresh=True)
+        except ObjectNotFound:
+            return None
+
+    # ------------------------------------------------------------------ writes
+    async def put(
+        self,
+        key: str,
+        body: AsyncIterable[bytes],
+        *,
+        content_type: str,
+        content_length: int | None = None,
+        content_md5: str | None = None,
+        sha256_hex: str | None = None,
+        check: Callable[[str | None], None] | None = None,
+        owner: str = "put",
+    ) -> Manifest:
+        """Stream ``body`` into chunks and commit a manifest for ``key``.
+
+        ``check(current_etag_or_None)`` evaluates the request's preconditions against the
+        object as it is; it raises ``PreconditionNotMet``. It runs before the body is read (to
+        fail fast) and again under the lock right before the commit (to be right).
+        On any failure nothing is committed and the chunks written so far are removed.
+        """
+        limit = self.options.max_object_size
+        if limit is not None and content_length is not None and content_length > limit:
+            raise BodyTooLarge(f"the object is {content_length} bytes; the limit is {limit}")
+        if check is not None:
+            cur = await self._current_or_none(key)
+            check(cur.manifest.etag if cur else None)
+        version = keys.new_version()
+        writer = ChunkWriter(self, key, version)
+        md5 = hashlib.md5() if content_md5 else None
+        whole_sha = hashlib.sha256() if sha256_hex else None
+        try:
+            async for piece in _rechunk(body, self.options.chunk_size, limit):
+                if md5:
+                    md5.update(piece)
+                if whole_sha:
+                    whole_sha.update(piece)
+                await writer.add(piece)
+            chunks = await writer.finish()
+            size = sum(c.size for c in chunks)
+            if content_length is not None and size != content_length:
+                raise IncompleteBody(f"the body ended after {size} of {content_length} bytes")
+            if md5 is not None:
+                _verify_md5(content_md5 or "", md5.digest())
+            if whole_sha is not None and whole_sha.hexdigest() != (sha256_hex or "").lower():
+                raise ChecksumMismatch("the body's SHA-256 does not match X-Checksum-SHA256")
+            manifest = Manifest(
+                key=key,
+                version=version,
+                size=size,
+                content_type=content_type,
+                created=datetime.now(timezone.utc).replace(microsecond=0),
+                chunk_size=self.options.chunk_size,
+                chunks=tuple(chunks),
+            )
+            await self.commit(manifest, check=check, owner=owner)
+            return manifest
+        except BaseException:
+            await writer.abort()
+            raise
+
+    async def commit(
+        self,
+        manifest: Manifest,
+        *,
+        check: Callable[[str | None], None] | None = None,
+        owner: str = "commit",
+        lease: Any = None,
+    ) -> None:
+        """Make ``manifest`` the object's current version, under the key's lock, by a conditional
+        write on the manifest record. Chunks of the replaced version are deleted after the grace
+        period. ``lease``: an already-held lease of the key (tus holds its own)."""
+        if lease is not None:
+            await self._commit_locked(manifest, lease, check)
+            return
+        async with self.locks.hold(manifest.key, owner=owner, timeout=self.options.lock_timeout) as held:
+            await self._commit_locked(manifest, held, check)
+
+    async def _commit_locked(self, manifest: Manifest, lease: Any, check: Callable[[str | None], None] | None) -> None:
+        key = manifest.key
+        raw = manifest.to_json()
+        # A conditional write that loses means another gateway committed between our read and
+        # our write (this gateway's writers are serialized by the lock). Unconditional PUT
+        # semantics are last-writer-wins, so re-read and try again, boundedly.
+        for attempt in range(5):
+            current = await self._current_or_none(key)
+            if check is not None:
+                check(current.manifest.etag if current else None)
+            lease.check()  # fencing: a stale-cleared holder must not commit
+            try:
+                if current is None:
+                    await self.backend.put(keys.manifest_key(key), raw, if_none_match=True)
+                else:
+                    await self.backend.put(keys.manifest_key(key), raw, if_match=current.store_etag)
+            except PreconditionFailed:
+                self.stats.commit_conflicts += 1
+                continue
+            except TransientError as exc:
+                raise StoreUnavailable(f"the store failed committing the manifest: {exc}", retry_after=exc.retry_after) from exc
+            except PermanentError as exc:
+                raise StoreFailed(f"the store refused the manifest: {exc}") from exc
+            self._manifests.pop(key, None)
+            self.stats.objects_committed += 1
+            if current is not None and current.manifest.version != manifest.version:
+                self._delete_version_later(current.manifest)
+            return
+        raise CommitConflict(f"gave up committing {key!r}: other writers kept winning")
+
+    async def delete(self, key: str, *, check: Callable[[str | None], None] | None = None, owner: str = "delete") -> None:
+        async with self.locks.hold(key, owner=owner, timeout=self.options.lock_timeout) as lease:
+            current = await self._current_or_none(key)
+            if current is None:
+                raise ObjectNotFound(f"no object at key {key!r}")
+            if check is not None:
+                check(current.manifest.etag)
+            lease.check()
+            try:
+                await self.backend.delete(keys.manifest_key(key))
+            except TransientError as exc:
+                raise StoreUnavailable(f"the store failed deleting: {exc}", retry_after=exc.retry_after) from exc
+            self._manifests.pop(key, None)
+            self._delete_version_later(current.manifest)
+
+    def _delete_version_later(self, manifest: Manifest) -> None:
+        """Remove a replaced version's chunks after the grace period, so readers in flight finish.
+        If the process stops first, ``chunkgate gc`` finds them as unreferenced."""
+
+        async def later() -> None:
+            await asyncio.sleep(self.options.grace_seconds)
+            await self.delete_chunks(manifest.key, manifest.version, len(manifest.chunks))
+
+        task = asyncio.ensure_future(later())
+        self._pending_gc.add(task)
+        task.add_done_callback(self._pending_gc.discard)
+
+    async def delete_chunks(self, key: str, version: str, count: int) -> None:
+        for index in range(count):
+            ck = keys.chunk_key(key, version, index)
+            self.cache.discard(ck)
+            try:
+                await self.backend.delete(ck)
+            except Exception as exc:  # gc sweeps whatever this misses
+                log.warning("could not delete chunk %s: %s", ck, exc)
+
+    # ------------------------------------------------------------------ reads: bytes
+    async def read(self, manifest: Manifest, start: int, end: int) -> AsyncIterator[bytes]:
+        """Yield bytes ``[start, end)`` of ``manifest``'s object, every chunk checked.
+
+        Raises ``ChunkRejected`` (never serve) or ``ChunkSizeDrift`` (the manifest is being
+        repaired; the caller must not go on with headers computed from the old sizes)."""
+        refs = list(manifest.chunks_for(start, end))
+        small = (
+            len(refs) == 1
+            and end - start <= self.options.small_read_bytes
+            and keys.chunk_key(manifest.key, manifest.version, refs[0].index) not in self.cache
+        )
+        if small:
+            yield await self._read_small(manifest, refs[0], start, end)
+            return
+        for n, ref in enumerate(refs):
+            for ahead in refs[n + 1 : n + 1 + self.options.readahead]:
+                self._prefetch(manifest, ahead)
+            chunk = await self.chunk(manifest, ref)
+            lo = max(start, ref.offset) - ref.offset
+            hi = min(end, ref.end) - ref.offset
+            if lo == 0 and hi == len(chunk.data):
+                yield chunk.data
+            else:
+                yield memoryview(chunk.data)[lo:hi]  # type: ignore[misc]
+
+    def _prefetch(self, manifest: Manifest, ref: ChunkRef) -> None:
+        ck = keys.chunk_key(manifest.key, manifest.version, ref.index)
+        self.cache.prefetch(ck, lambda: self._fetch_chunk(ck))
+
+    async def chunk(self, manifest: Manifest, ref: ChunkRef) -> StoredChunk:
+        """One chunk, from the cache or the store (single-flight), checked against ``ref``."""
+        ck = keys.chunk_key(manifest.key, manifest.version, ref.index)
+        stored = await self.cache.get(ck, lambda: self._fetch_chunk(ck))
+        self._check(manifest, ref, len(stored.data), stored.sha256, stored=stored)
+        return stored
+
+    async def _fetch_chunk(self, ck: str) -> StoredChunk:
+        try:
+            blob = await self.backend.get(ck)
+        except NotFound:
+            raise StoreFailed(f"chunk {ck} referenced by a committed manifest is missing") from None
+        except TransientError as exc:
+            raise StoreUnavailable(f"the store failed reading a chunk: {exc}", retry_after=exc.retry_after) from exc
+        except PermanentError as exc:
+            raise StoreFailed(f"the store refused reading a chunk: {exc}") from exc
+        if len(blob.data) != blob.size:
+            raise StoreUnavailable(f"short read of {ck}: {len(blob.data)} of {blob.size} bytes")
+        digest = hashlib.sha256(blob.data).hexdigest() if self.options.verify_reads else None
+        return StoredChunk(blob.data, digest)
+
+    async def _read_small(self, manifest: Manifest, ref: ChunkRef, start: int, end: int) -> bytes:
+        """A cold read of a few KiB inside one chunk fetches just that byte range: a player's
+        seek should not wait for a whole chunk. The stored size is still checked (the store
+        reports it with the range); the SHA-256 is checked whenever the whole chunk is fetched."""
+        ck = keys.chunk_key(manifest.key, manifest.version, ref.index)
+        lo, hi = start - ref.offset, end - ref.offset
+        try:
+            blob = await self.backend.get(ck, start=lo, end=hi)
+        except NotFound:
+            raise StoreFailed(f"chunk {ck} referenced by a committed manifest is missing") from None
+        except TransientError as exc:
+            raise StoreUnavailable(f"the store failed reading a chunk: {exc}", retry_after=exc.retry_after) from exc
+        self._check(manifest, ref, blob.size, None, stored=None)
+        if len(blob.data) != hi - lo:
+            raise StoreUnavailable(f"short read of {ck}: {len(blob.data)} of {hi - lo} bytes")
+        return blob.data
+
+    def _check(self, manifest: Manifest, ref: ChunkRef, actual: int, sha256: str | None, *, stored: StoredChunk | None) -> None:
+        verdict = self.options.tolerance.verdict(ref.size, actual)
+        where = dict(key=manifest.key, index=ref.index, expected=ref.size, actual=actual)
+        if verdict is Verdict.EXACT:
+            if sha256 is not None and ref.sha256 is not None and sha256 != ref.sha256:
+                self.stats.checksum_mismatch += 1
+                self.stats.size_rejected += 1
+                log.error("chunk checksum mismatch: key=%r chunk=%d size=%d (same length, other bytes)", manifest.key, ref.index, actual)
+                raise ChunkRejected(f"chunk {ref.index} of {manifest.key!r} has the right size but the wrong SHA-256", **where)
+            return
+        if verdict is Verdict.REJECTED:
+            self.stats.size_rejected += 1
+            log.error("chunk size mismatch rejected: key=%r chunk=%d expected=%d actual=%d", manifest.key, ref.index, ref.size, actual)
+            raise ChunkRejected(
+                f"chunk {ref.index} of {manifest.key!r} is {actual} bytes; the manifest says {ref.size}", **where
+            )
+        self.stats.size_tolerated += 1
+        log.warning(
+            "chunk size mismatch tolerated: key=%r chunk=%d expected=%d actual=%d; repairing the manifest",
+            manifest.key, ref.index, ref.size, actual,
+        )
+        self._repair_soon(manifest)
+        raise ChunkSizeDrift(f"chunk {ref.index} of {manifest.key!r} is {actual} bytes, the manifest said {ref.size}", **where)
+
+    # ------------------------------------------------------------------ repair
+    def _repair_soon(self, manifest: Manifest) -> asyncio.Task[None]:
+        task = self._repairs.get(manifest.key)
+        if task is None or task.done():
+            task = asyncio.ensure_future(self.repair(manifest.key))
+            self._repairs[manifest.key] = task
+            task.add_done_callback(lambda t, k=manifest.key: self._repairs.pop(k, None) if self._repairs.get(k) is t else None)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    async def wait_repair(self, key: str) -> None:
+        task = self._repairs.get(key)
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def repair(self, key: str, *, owner: str = "repair") -> list[tuple[int, int, int]]:
+        """Re-record every chunk whose stored size drifted within tolerance (and chunks lacking a
+        SHA-256) as stored: the chunk is taken as it is. Returns (index, old, new) per change.
+        Raises ``ChunkRejected`` for chunks beyond repair (the manifest is left as it was)."""
+        async with self.locks.hold(key, owner=owner, timeout=self.options.lock_timeout) as lease:
+            current = await self._current(key, fresh=True)
+            manifest = current.manifest
+            changes: list[tuple[int, int, int]] = []
+            for ref in manifest.chunks:
+                ck = keys.chunk_key(key, manifest.version, ref.index)
+                try:
+                    info = await self.backend.head(ck)
+                except NotFound:
+                    raise StoreFailed(f"chunk {ck} of {key!r} is missing; it cannot be repaired") from None
+                if info.size == ref.size and ref.sha256 is not None:
+                    continue
+                verdict = self.options.tolerance.verdict(ref.size, info.size)
+                if verdict is Verdict.REJECTED:
+                    raise ChunkRejected(
+                        f"chunk {ref.index} of {key!r} is {info.size} bytes, beyond tolerance of {ref.size}",
+                        key=key, index=ref.index, expected=ref.size, actual=info.size,
+                    )
+                blob = await self.backend.get(ck)
+                digest = hashlib.sha256(blob.data).hexdigest()
+                if info.size == ref.size and ref.sha256 is None:
+                    manifest = manifest.with_chunk(ChunkRef(ref.index, ref.offset, ref.size, digest))
+                    continue
+                self.cache.discard(ck)
+                manifest = manifest.with_chunk(ChunkRef(ref.index, ref.offset, len(blob.data), digest))
+                changes.append((ref.index, ref.size, len(blob.data)))
+            if manifest is current.manifest:
+                return changes
+            lease.check()
+            await self.backend.put(keys.manifest_key(key), manifest.to_json(), if_match=current.store_etag)
+            self._manifests.pop(key, None)
+            self.stats.manifest_repairs += 1
+            log.warning("manifest repaired: key=%r changes=%s", key, changes)
+            return changes
+
+    # ------------------------------------------------------------------ listing
+    async def list(self, prefix: str = "", *, after: str | None = None, limit: int = 1000) -> tuple[list[Manifest], str | None]:
+        """Up to ``limit`` objects whose key starts with ``prefix``, in key order, after
+        ``after``; and the key to continue after (None when there is no more)."""
+        found: list[str] = []
+        start_after = keys.manifest_key(after) if after else None
+        more = False
+        async for info in self.backend.list(keys.manifest_key(prefix), start_after=start_after):
+            if len(found) == limit:
+                more = True
+                break
+            found.append(keys.object_key_of_manifest(info.key))
+        sem = asyncio.Semaphore(16)
+
+        async def one(k: str) -> Manifest | None:
+            async with sem:
+                try:
+                    return (await self._current(k)).manifest
+                except (ObjectNotFound, CorruptManifest):
+                    return None
+
+        manifests = [m for m in await asyncio.gather(*(one(k) for k in found)) if m is not None]
+        return manifests, (found[-1] if more and found else None)
+
+    async def close(self) -> None:
+        for task in list(self._pending_gc) + list(self._repairs.values()):
+            task.cancel()
+        await asyncio.gather(*self._pending_gc, *self._repairs.values(), return_exceptions=True)
+
+
+class ChunkWriter:
+    """Writes one version's chunks: each in a buffer of its own, at most N in flight.
+
+    The bounded number of in-flight chunk uploads is what keeps memory at about
+    (N + 1) x chunk size whatever the object size, and makes a slow store slow the client
+    down (``add`` waits for a slot) instead of growing memory."""
+
+    def __init__(self, store: ObjectStore, key: str, version: str) -> None:
+        self.store = store
+        self.key = key
+        self.version = version
+        self._slots = asyncio.Semaphore(store.options.write_concurrency)
+        self._tasks: list[asyncio.Task[ChunkRef]] = []
+        self._offset = 0
+
+    async def add(self, data: bytes) -> None:
+        """Hand over one chunk's bytes. ``data`` must be an immutable ``bytes`` nobody reuses."""
+        await self._slots.acquire()
+        for t in self._tasks:
+            if t.done() and t.exception() is not None:
+                self._slots.release()
+                raise t.exception()  # type: ignore[misc]
+        index, offset = len(self._tasks), self._offset
+        self._offset += len(data)
+        self._tasks.append(asyncio.ensure_future(self._write(index, offset, data)))
+
+    async def _write(self, index: int, offset: int, data: bytes) -> ChunkRef:
+        try:
+            digest = await asyncio.to_thread(_sha256_hex, data) if len(data) > 1 << 20 else _sha256_hex(data)
+            ck = keys.chunk_key(self.key, self.version, index)
+            backend = self.store.backend
+            try:
+                # create-only: a chunk key is written once, ever; a collision is a bug, not a race to win
+                await backend.put(ck, data, if_none_match=True)
+                info = await backend.head(ck)
+            except TransientError as exc:
+                raise StoreUnavailable(f"the store failed writing chunk {index}: {exc}", retry_after=exc.retry_after) from exc
+            except (PermanentError, PreconditionFailed) as exc:
+                raise StoreFailed(f"the store refused chunk {index}: {exc}") from exc
+            if info.size != len(data):
+                raise StoreFailed(f"chunk {index} reads back as {info.size} bytes; {len(data)} were written")
+            return ChunkRef(index, offset, len(data), digest)
+        finally:
+            self._slots.release()
+
+    async def finish(self) -> list[ChunkRef]:
+        return list(await asyncio.gather(*self._tasks))
+
+    async def abort(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.shield(self.store.delete_chunks(self.key, self.version, len(self._tasks)))
+
+
+async def _rechunk(body: AsyncIterable[bytes], chunk_size: int, limit: int | None) -> AsyncIterator[bytes]:
+    """Re-cut an arbitrary stream of pieces into ``chunk_size`` pieces (the last may be short).
+
+    Each yielded chunk is a fresh ``bytes`` joined from the pieces: immutable, so no later read
+    can change it while an asynchronous write still holds it (the replaced system's bug)."""
+    pieces: list[bytes] = []
+    filled = 0
+    total = 0
+    async for piece in body:
+        if not piece:
+            continue
+        total += len(piece)
+        if limit is not None and total > limit:
+            raise BodyTooLarge(f"the body passed the limit of {limit} bytes")
+        view = memoryview(piece)
+        while view:
+            take = min(len(view), chunk_size - filled)
+            # A whole incoming piece is already a fresh immutable bytes; slices are copied.
+            pieces.append(piece if take == len(piece) else bytes(view[:take]))
+            filled += take
+            view = view[take:]
+            if filled == chunk_size:
+                yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                pieces, filled = [], 0
+    if filled:
+        yield b"".join(pieces)
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _verify_md5(header: str, digest: bytes) -> None:
+    try:
+        expected = base64.b64decode(header.strip(), validate=True)
+    except ValueError:
+        raise ChecksumMismatch("Content-MD5 is not valid base64") from None
+    if expected != digest:
+        raise ChecksumMismatch("the body's MD5 does not match Content-MD5")

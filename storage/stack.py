@@ -1,0 +1,64 @@
+"""The one function that assembles the store: backend, its wrappers, locks and the object layer.
+
+Wrapper order, innermost first — each is one concern:
+  raw backend -> fault injection (tests/debug) -> observation (metrics) -> limiter
+Observation sits inside the limiter so store latency excludes queueing, and outside fault
+injection so injected faults count as the store's failures, as a real outage would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from storage.backends.base import Backend
+from storage.backends.observed import BackendObserver, ObservedBackend
+from storage.locks import LockManager
+from storage.objects import ObjectStore, StoreOptions
+
+
+@dataclass
+class StackOptions:
+    store: str
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    lock_stale_after: float = 30.0
+    lock_timeout: float = 20.0
+    locks: str = "auto"
+    store_max_concurrency: int = 0
+    store_max_rps: float = 0.0
+    faults: Any = None  # storage.backends.faults.FaultPlan, tests and --fault-* only
+
+
+def build_backend(opts: StackOptions, observer: BackendObserver | None = None,
+                  raw: Backend | None = None) -> Backend:
+    from storage.backends.open import open_backend
+
+    backend: Backend = raw if raw is not None else open_backend(
+        opts.store, s3_endpoint_url=opts.s3_endpoint_url, s3_region=opts.s3_region)
+    if opts.faults is not None:
+        from storage.backends.faults import FaultyBackend
+
+        backend = FaultyBackend(backend, opts.faults)
+    if observer is not None:
+        backend = ObservedBackend(backend, observer)
+    if opts.store_max_concurrency or opts.store_max_rps:
+        try:
+            from storage.backends.limited import LimitedBackend
+        except ImportError:  # the limiter arrives with the hardening work
+            pass
+        else:
+            backend = LimitedBackend(backend, max_concurrency=opts.store_max_concurrency, max_rps=opts.store_max_rps)
+    return backend
+
+
+def build_locks(opts: StackOptions, backend: Backend, on_wait: Callable[[float], None] | None = None) -> Any:
+    return LockManager(stale_after=opts.lock_stale_after, timeout=opts.lock_timeout, on_wait=on_wait)
+
+
+def build_store(opts: StackOptions, store_options: StoreOptions, observer: Any = None,
+                raw: Backend | None = None) -> ObjectStore:
+    backend = build_backend(opts, observer, raw)
+    locks = build_locks(opts, backend, getattr(observer, "lock_waited", None))
+    store_options.lock_timeout = opts.lock_timeout
+    return ObjectStore(backend, locks, store_options)
