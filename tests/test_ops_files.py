@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from support.dashboard import (
+from tests.support.dashboard import (
     ALERTS_PATH,
     DASHBOARD_PATH,
     DATASOURCE_REF,
