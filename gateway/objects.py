@@ -60,10 +60,20 @@ def object_headers(m: Manifest) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------- PUT
+def upload_content_type(key: str, supplied: str | None) -> str:
+    """The client's Content-Type, unless it is missing, junk, or the generic
+    application/octet-stream that HTTP clients send by default for any bytes: then the type
+    the key's extension names (a <video> element needs video/mp4, not octet-stream)."""
+    given = normalize_content_type(supplied)
+    if given and given.split(";")[0].strip().lower() != "application/octet-stream":
+        return given
+    return guess_content_type(key)
+
+
 async def put_object(request: web.Request) -> web.Response:
     key = object_key(request)
     store = store_of(request)
-    content_type = normalize_content_type(request.headers.get("Content-Type")) or guess_content_type(key)
+    content_type = upload_content_type(key, request.headers.get("Content-Type"))
     sha = request.headers.get("X-Checksum-SHA256")
     if sha is not None and not _HEX64.match(sha.strip()):
         raise HTTPError(400, "bad_checksum", "X-Checksum-SHA256 must be 64 hex digits")

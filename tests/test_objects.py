@@ -1,0 +1,264 @@
+"""ObjectStore: chunked writes, verified manifests, nothing committed on failure, single-flight reads."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+from typing import AsyncIterator
+
+import pytest
+
+from storage import keys
+from storage.backends.base import TransientError
+from storage.backends.memory import MemoryBackend
+from storage.errors import BodyTooLarge, ChecksumMismatch, IncompleteBody, ObjectNotFound, PreconditionNotMet, StoreUnavailable
+from storage.locks import LockManager
+from storage.manifest import Manifest
+from storage.objects import ObjectStore, StoreOptions
+
+CHUNK = 64 * 1024
+
+
+def make_store(backend=None, **opts) -> ObjectStore:
+    options = StoreOptions(chunk_size=CHUNK, cache_bytes=64 * CHUNK, grace_seconds=opts.pop("grace_seconds", 60), **opts)
+    return ObjectStore(backend or MemoryBackend(), LockManager(stale_after=5, timeout=5), options)
+
+
+async def body_of(data: bytes, piece: int = 10_000) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), piece):
+        yield data[i:i + piece]
+
+
+async def read_all(store: ObjectStore, key: str) -> bytes:
+    m = await store.head(key)
+    return b"".join([bytes(p) async for p in store.read(m, 0, m.size)])
+
+
+async def stored_keys(backend: MemoryBackend, prefix: str) -> list[str]:
+    return [info.key async for info in backend.list(prefix)]
+
+
+@pytest.mark.parametrize(
+    "size",
+    [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5],
+    ids=["empty", "one-byte", "just-under-a-chunk", "exactly-a-chunk", "just-over-a-chunk", "several-chunks"],
+)
+async def test_put_then_read_returns_the_same_bytes_and_a_valid_manifest(size: int) -> None:
+    store = make_store()
+    data = os.urandom(size)
+    m = await store.put("videos/a.mp4", body_of(data, piece=7777), content_type="video/mp4")
+    assert await read_all(store, "videos/a.mp4") == data
+    # The manifest's invariants (API.md): sizes add up, offsets are running sums, every chunk but
+    # the last is chunk_size long, sha256 is of the chunk's bytes.
+    stored = Manifest.from_json((await store.backend.get(keys.manifest_key("videos/a.mp4"))).data)
+    assert stored.size == size == sum(c.size for c in stored.chunks)
+    assert all(c.size == CHUNK for c in stored.chunks[:-1])
+    for c in stored.chunks:
+        assert c.sha256 == hashlib.sha256(data[c.offset:c.end]).hexdigest()
+    assert m.etag == stored.etag and m.etag.startswith('"')
+
+
+async def test_every_upload_writes_chunks_under_a_fresh_version_never_touching_the_old_ones() -> None:
+    store = make_store()
+    first = await store.put("k", body_of(os.urandom(3 * CHUNK)), content_type="x/y")
+    first_chunks = set(await stored_keys(store.backend, keys.chunk_prefix("k", first.version)))
+    second = await store.put("k", body_of(os.urandom(3 * CHUNK)), content_type="x/y")
+    assert first.version != second.version
+    second_chunks = set(await stored_keys(store.backend, keys.chunk_prefix("k", second.version)))
+    assert first_chunks and second_chunks and not first_chunks & second_chunks
+    # Old chunks stay readable for the grace period (readers in flight).
+    for ck in first_chunks:
+        await store.backend.head(ck)
+
+
+async def test_replaced_version_is_deleted_after_the_grace_period() -> None:
+    store = make_store(grace_seconds=0.05)
+    first = await store.put("k", body_of(os.urandom(2 * CHUNK)), content_type="x/y")
+    await store.put("k", body_of(b"new"), content_type="x/y")
+    await asyncio.sleep(0.3)
+    assert await stored_keys(store.backend, keys.chunk_prefix("k", first.version)) == []
+    assert await read_all(store, "k") == b"new"
+
+
+class FailingBackend(MemoryBackend):
+    """Fails the n-th chunk put."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+        self.chunk_puts = 0
+
+    async def put(self, key, data, **kw):  # type: ignore[no-untyped-def]
+        if key.startswith(keys.CHUNK_PREFIX):
+            self.chunk_puts += 1
+            if self.chunk_puts == self.fail_at:
+                raise TransientError("injected")
+        return await super().put(key, data, **kw)
+
+
+async def test_a_failed_chunk_write_commits_nothing_and_removes_the_written_chunks() -> None:
+    backend = FailingBackend(fail_at=3)
+    store = make_store(backend)
+    with pytest.raises(StoreUnavailable):
+        await store.put("k", body_of(os.urandom(5 * CHUNK)), content_type="x/y")
+    with pytest.raises(ObjectNotFound):
+        await store.head("k")
+    assert await stored_keys(backend, keys.CHUNK_PREFIX) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        ({"content_md5": base64.b64encode(hashlib.md5(b"other").digest()).decode()}, ChecksumMismatch),
+        ({"content_md5": "not base64!"}, ChecksumMismatch),
+        ({"sha256_hex": hashlib.sha256(b"other").hexdigest()}, ChecksumMismatch),
+        ({"content_length": 10 * CHUNK}, IncompleteBody),
+    ],
+    ids=["wrong-content-md5", "malformed-content-md5", "wrong-sha256", "body-shorter-than-content-length"],
+)
+async def test_a_bad_body_commits_nothing_and_keeps_the_old_version(kwargs: dict, error: type) -> None:
+    store = make_store()
+    old = os.urandom(CHUNK + 3)
+    await store.put("k", body_of(old), content_type="x/y")
+    with pytest.raises(error):
+        await store.put("k", body_of(os.urandom(2 * CHUNK + 1)), content_type="x/y", **kwargs)
+    assert await read_all(store, "k") == old
+    m = await store.head("k")
+    assert await stored_keys(store.backend, keys.CHUNK_PREFIX) == await stored_keys(
+        store.backend, keys.chunk_prefix("k", m.version))
+
+
+async def test_matching_checksums_are_accepted() -> None:
+    store = make_store()
+    data = os.urandom(2 * CHUNK + 9)
+    await store.put("k", body_of(data), content_type="x/y",
+                    content_md5=base64.b64encode(hashlib.md5(data).digest()).decode(),
+                    sha256_hex=hashlib.sha256(data).hexdigest().upper())
+    assert await read_all(store, "k") == data
+
+
+async def test_a_body_past_the_size_limit_is_refused_before_and_while_streaming() -> None:
+    store = make_store(max_object_size=CHUNK)
+    with pytest.raises(BodyTooLarge):
+        await store.put("k", body_of(b"x"), content_type="x/y", content_length=CHUNK + 1)
+    with pytest.raises(BodyTooLarge):
+        await store.put("k", body_of(os.urandom(3 * CHUNK)), content_type="x/y")
+    assert await stored_keys(store.backend, "") == []
+
+
+async def test_preconditions_are_checked_before_reading_and_again_at_commit() -> None:
+    store = make_store()
+    await store.put("k", body_of(b"one"), content_type="x/y")
+
+    def create_only(current: str | None) -> None:
+        if current is not None:
+            raise PreconditionNotMet("exists")
+
+    consumed = 0
+
+    async def counting_body() -> AsyncIterator[bytes]:
+        nonlocal consumed
+        consumed += 1
+        yield b"two"
+
+    with pytest.raises(PreconditionNotMet):
+        await store.put("k", counting_body(), content_type="x/y", check=create_only)
+    assert consumed == 0  # failed fast: not one byte of the body was read
+    assert await read_all(store, "k") == b"one"
+
+
+class SlowCountingBackend(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def put(self, key, data, **kw):  # type: ignore[no-untyped-def]
+        if key.startswith(keys.CHUNK_PREFIX):
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            await asyncio.sleep(0.01)
+            self.in_flight -= 1
+        return await super().put(key, data, **kw)
+
+
+async def test_at_most_write_concurrency_chunks_are_in_flight_so_memory_stays_bounded() -> None:
+    backend = SlowCountingBackend()
+    store = make_store(backend, write_concurrency=3)
+    produced = 0
+
+    async def fast_body() -> AsyncIterator[bytes]:
+        nonlocal produced
+        for _ in range(40):
+            produced += 1
+            # The producer can't run ahead of the store by more than the in-flight slots allow.
+            assert produced - len(await stored_keys(backend, keys.CHUNK_PREFIX)) <= 3 + 1
+            yield os.urandom(CHUNK)
+
+    await store.put("k", fast_body(), content_type="x/y")
+    assert 1 < backend.max_in_flight <= 3
+
+
+class CountingGets(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets: dict[str, int] = {}
+
+    async def get(self, key, **kw):  # type: ignore[no-untyped-def]
+        self.gets[key] = self.gets.get(key, 0) + 1
+        await asyncio.sleep(0.005)
+        return await super().get(key, **kw)
+
+
+async def test_many_concurrent_readers_cost_one_store_fetch_per_chunk() -> None:
+    backend = CountingGets()
+    store = make_store(backend)
+    data = os.urandom(6 * CHUNK)
+    await store.put("v", body_of(data), content_type="video/mp4")
+    backend.gets.clear()
+    store._manifests.clear()
+    bodies = await asyncio.gather(*(read_all(store, "v") for _ in range(20)))
+    assert all(b == data for b in bodies)
+    chunk_gets = {k: n for k, n in backend.gets.items() if k.startswith(keys.CHUNK_PREFIX)}
+    assert len(chunk_gets) == 6 and set(chunk_gets.values()) == {1}
+
+
+async def test_a_cancelled_reader_does_not_cancel_the_fetch_others_wait_on() -> None:
+    backend = CountingGets()
+    store = make_store(backend)
+    data = os.urandom(CHUNK)
+    await store.put("v", body_of(data), content_type="x/y")
+    m = await store.head("v")
+    first = asyncio.ensure_future(store.chunk(m, m.chunks[0]))
+    second = asyncio.ensure_future(store.chunk(m, m.chunks[0]))
+    await asyncio.sleep(0)
+    first.cancel()
+    assert (await second).data == data
+    assert sum(n for k, n in backend.gets.items() if k.startswith(keys.CHUNK_PREFIX)) == 1
+
+
+async def test_delete_removes_the_object_and_a_second_delete_is_not_found() -> None:
+    store = make_store(grace_seconds=0.01)
+    await store.put("k", body_of(b"abc"), content_type="x/y")
+    await store.delete("k")
+    with pytest.raises(ObjectNotFound):
+        await store.head("k")
+    with pytest.raises(ObjectNotFound):
+        await store.delete("k")
+    await asyncio.sleep(0.1)
+    assert await stored_keys(store.backend, "") == []
+
+
+async def test_listing_is_in_key_order_and_pages_with_after() -> None:
+    store = make_store()
+    names = ["b/2", "a", "b/1", "a/x", "é", "c"]
+    for n in names:
+        await store.put(n, body_of(n.encode()), content_type="x/y")
+    page, nxt = await store.list("", limit=4)
+    assert [m.key for m in page] == sorted(names, key=lambda k: k.encode())[:4]
+    rest, end = await store.list("", after=nxt, limit=4)
+    assert [m.key for m in page + rest] == sorted(names, key=lambda k: k.encode()) and end is None
+    only_b, _ = await store.list("b/")
+    assert [m.key for m in only_b] == ["b/1", "b/2"]
