@@ -28,6 +28,7 @@ from tests.support.dashboard import (
     DATASOURCE_REF,
     REPO_ROOT,
     agreed_metric_names,
+    instance_regex,
     is_known_series,
     iter_panel_queries,
     iter_panels,
@@ -357,3 +358,23 @@ def test_panel_queries_name_their_panel_and_leave_no_variable(dashboard: dict[st
     assert "Request rate" in titles and "Oldest lock age" in titles
     for query in queries:
         assert "$" not in query.expr and "[[" not in query.expr, query
+
+
+@pytest.mark.parametrize(
+    ("instances", "expected"),
+    [
+        (("127.0.0.1:8080",), r"127\\.0\\.0\\.1:8080"),
+        (("a:1", "b.c:2"), r"(a:1|b\\.c:2)"),
+    ],
+)
+def test_instance_regex_escapes_for_a_promql_string(instances: tuple[str, ...], expected: str) -> None:
+    assert instance_regex(*instances) == expected
+
+
+def test_panel_queries_for_a_dotted_instance_are_valid_promql(
+    dashboard: dict[str, Any], promql_parser: ModuleType
+) -> None:
+    # A single-escaped "127\.0" is a PromQL parse error; this is what a live test will send.
+    for query in iter_panel_queries(dashboard, instance=instance_regex("127.0.0.1:8080")):
+        for _, matchers in vector_selectors(query.expr):
+            assert matchers["instance"] == ("=~", r"127\.0\.0\.1:8080"), query.panel_title

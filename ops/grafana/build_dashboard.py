@@ -100,6 +100,7 @@ def stat(
 HTTP = "chunkgate_http_requests_total"
 STORE = "chunkgate_backend_requests_total"
 STORE_ERRORS = 'outcome=~"transient|permanent"'
+# Error series appear only with the first error; `or vector(0)` shows 0% instead of "No data".
 HTTP_5XX = 'status=~"5.."'
 HTTP_ERRORS = 'status=~"4..|5.."'
 JOB = 'job="chunkgate"'
@@ -110,7 +111,7 @@ ROWS: tuple[Row, ...] = (
     Row("Traffic", (
         stat("Request rate", f"sum({rate(HTTP)})", "reqps",
              "HTTP requests per second across the selected gateways.", width=6),
-        stat("5xx ratio", f'sum({rate(HTTP, HTTP_5XX)}) / sum({rate(HTTP)})', "percentunit",
+        stat("5xx ratio", f"(sum({rate(HTTP, HTTP_5XX)}) or vector(0)) / sum({rate(HTTP)})", "percentunit",
              "Share of requests answered with a 5xx. The ChunkgateHighErrorRate alert fires above 5% for 5m.",
              ((None, "green"), (0.01, "orange"), (0.05, "red")), width=6),
         stat("In-flight requests", f"sum({sel('chunkgate_http_requests_in_flight')})", "short",
@@ -170,7 +171,7 @@ ROWS: tuple[Row, ...] = (
     )),
     Row("Store", (
         stat("Store error ratio",
-             f"sum({rate(STORE, STORE_ERRORS)}) / sum({rate(STORE)})", "percentunit",
+             f"(sum({rate(STORE, STORE_ERRORS)}) or vector(0)) / sum({rate(STORE)})", "percentunit",
              "Share of store requests ending transient or permanent (not_found and precondition_failed "
              "are answers, not errors). ChunkgateStoreErrorRate fires above 5% for 5m.",
              ((None, "green"), (0.01, "orange"), (0.05, "red")), height=8),

@@ -137,8 +137,8 @@ def substitute_variables(
 ) -> str:
     """`expr` with Grafana's variables replaced, as Grafana would send it to Prometheus.
 
-    `instance` goes in verbatim: it sits inside a regex matcher, so pass `re.escape(host_port)`
-    for one target or ".*" (the dashboard's All value) for all. An unknown variable raises
+    `instance` goes in verbatim inside a quoted regex matcher: pass `instance_regex(host_port, ...)`
+    for chosen targets, or ".*" (the dashboard's All value) for all. An unknown variable raises
     KeyError, so a panel that grows a new variable cannot slip past the checks unsubstituted.
     """
     values = {
@@ -154,6 +154,16 @@ def substitute_variables(
         return values[name]
 
     return _VARIABLE.sub(replace, expr)
+
+
+def instance_regex(*instances: str) -> str:
+    """The value Grafana puts into `instance=~"$instance"` when these instances are selected.
+
+    Each value is regex-escaped, and the backslashes doubled because the regex sits inside a
+    PromQL double-quoted string (a bare `\\.` there is a parse error).
+    """
+    alternatives = [re.escape(instance).replace("\\", "\\\\") for instance in instances]
+    return alternatives[0] if len(alternatives) == 1 else "(" + "|".join(alternatives) + ")"
 
 
 def iter_panel_queries(
