@@ -147,7 +147,9 @@ async def _fresh(store: ObjectStore, key: str) -> Manifest:
 
 async def _serve(request: web.Request, store: ObjectStore, m: Manifest) -> web.StreamResponse:
     headers = object_headers(m)
-    decision = conditions.evaluate(request.method, request.headers, etag=m.etag, last_modified=m.last_modified)
+    # HEAD answers with exactly the headers GET would send (API.md), ranges included.
+    method = "GET" if request.method == "HEAD" else request.method
+    decision = conditions.evaluate(method, request.headers, etag=m.etag, last_modified=m.last_modified)
     if decision.outcome is conditions.Outcome.NOT_MODIFIED:
         return web.Response(status=304, headers=headers)
     if decision.outcome is conditions.Outcome.PRECONDITION_FAILED:
