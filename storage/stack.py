@@ -1,9 +1,12 @@
 """The one function that assembles the store: backend, its wrappers, locks and the object layer.
 
 Wrapper order, innermost first — each is one concern:
-  raw backend -> fault injection (tests/debug) -> observation (metrics) -> limiter
+  raw backend -> fault injection (tests/debug) -> observation (metrics) -> limiter -> retries
 Observation sits inside the limiter so store latency excludes queueing, and outside fault
-injection so injected faults count as the store's failures, as a real outage would.
+injection so injected faults count as the store's failures, as a real outage would. Retries are
+outermost so every attempt passes the limiter (the store's budget counts retries too) and is
+observed, while the backoff sleep holds no limiter slot. No retry wrapper over S3: botocore
+retries there itself (standard mode), and two retry layers would multiply the attempts.
 """
 
 from __future__ import annotations
@@ -49,7 +52,18 @@ def build_backend(opts: StackOptions, observer: BackendObserver | None = None,
             pass
         else:
             backend = LimitedBackend(backend, max_concurrency=opts.store_max_concurrency, max_rps=opts.store_max_rps)
+    if not _retries_itself(backend):
+        from storage.backends.retrying import RetryingBackend
+
+        backend = RetryingBackend(backend)
     return backend
+
+
+def _retries_itself(backend: Backend) -> bool:
+    """Whether the raw store client under the wrappers already retries (botocore does)."""
+    while hasattr(backend, "inner"):
+        backend = backend.inner  # type: ignore[attr-defined]
+    return bool(getattr(backend, "retries_itself", backend.name.startswith("s3://")))
 
 
 def build_locks(opts: StackOptions, backend: Backend, on_wait: Callable[[float], None] | None = None) -> Any:
