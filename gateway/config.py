@@ -106,6 +106,8 @@ class ServeConfig:
     locks: str = "auto"
     store_max_concurrency: int = 64
     store_max_rps: float = 0.0
+    fault_rate: float = 0.0  # debugging only: inject store faults at this rate
+    fault_kinds: str = "all"
 
 
 # (flag, dest, parser, help). The env variable is CHUNKGATE_<FLAG> (upper case, '-' -> '_').
@@ -138,6 +140,8 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--locks", "locks", str, "local, store or auto (store for s3, local otherwise)"),
     ("--store-max-concurrency", "store_max_concurrency", parse_nonneg_int, "store requests in flight at most"),
     ("--store-max-rps", "store_max_rps", float, "store requests per second at most (0 = unlimited)"),
+    ("--fault-rate", "fault_rate", parse_ratio, "DEBUG: inject store faults into this share of store calls"),
+    ("--fault-kinds", "fault_kinds", str, "DEBUG: comma-separated error, throttle, latency, truncate, or all"),
 ]
 
 
@@ -206,6 +210,11 @@ def validate(cfg: ServeConfig) -> None:
         raise ConfigError("--write-concurrency: must be at least 1")
     if not cfg.store:
         raise ConfigError("--store: must not be empty")
+    if cfg.store_max_rps < 0:
+        raise ConfigError("--store-max-rps: must not be negative")
+    fault_kinds = {k.strip() for k in cfg.fault_kinds.split(",") if k.strip()} - {"all"}
+    if fault_kinds - {"error", "throttle", "latency", "truncate"}:
+        raise ConfigError("--fault-kinds: must be a comma-separated list of error, throttle, latency, truncate, or all")
     if not is_loopback(cfg.host) and not cfg.auth_token and not cfg.allow_anonymous_writes:
         raise ConfigError(
             f"--host: {cfg.host} is not a loopback address; set --auth-token (or --allow-anonymous-writes) to serve on it"
