@@ -14,6 +14,7 @@ from gateway.auth import auth_middleware
 from gateway.config import ServeConfig
 from gateway.errors import error_middleware, json_error
 from gateway.metrics import Metrics, metrics_handler
+from gateway.metrics import _gauge as gauge_family
 from storage.backends.base import Backend
 from storage.objects import ObjectStore, StoreOptions
 from storage.stack import StackOptions, build_store
@@ -63,9 +64,17 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     (tests); ``faults``: a fault plan injected under the store (tests and debugging)."""
     metrics = Metrics()
     opts = stack_options(cfg)
+    if faults is None and cfg.fault_rate > 0:
+        from storage.backends.faults import FaultPlan
+
+        faults = FaultPlan.parse(cfg.fault_rate, cfg.fault_kinds)
     opts.faults = faults
     store = build_store(opts, store_options(cfg), metrics, raw=backend)
     metrics.attach_store(store, store.locks)
+    # The limiter's waiters, read at scrape time; 0 when no limiter is configured (the
+    # wrappers pass attribute reads down to the one that has it).
+    metrics.add_source(lambda: [gauge_family("chunkgate_backend_queue_depth", "Store calls waiting for the limiter now",
+                                             getattr(store.backend, "queue_depth", 0))])
 
     app = web.Application(
         middlewares=[
