@@ -37,7 +37,7 @@ _OWS = " \t"
 # Positions longer than this many digits are past the end of any object we could store; capping
 # them keeps the arithmetic cheap and avoids int()'s 4300-digit ValueError on hostile input.
 _MAX_DIGITS = 30
-_HUGE = 10**_MAX_DIGITS
+_HUGE: int = 10**_MAX_DIGITS
 
 # Abuse limits (RFC 9110 §14.2 lets a server ignore a Range with "more than two overlapping
 # ranges, or a set of many small ranges"): see parse_range's docstring.

@@ -131,7 +131,7 @@ def assert_well_formed(result: list[ByteRange] | None, size: int) -> None:
     for r in result:
         assert 0 <= r.start < r.end <= size
     ordered = sorted(result, key=lambda r: r.start)
-    for left, right in zip(ordered, ordered[1:]):
+    for left, right in zip(ordered, ordered[1:], strict=False):
         assert left.end < right.start, "parts never overlap or touch: they would have been merged"
 
 
