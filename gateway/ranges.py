@@ -47,14 +47,17 @@ _MAX_OVERLAPPING_SPECS = 2
 
 @dataclass(frozen=True)
 class ByteRange:
-    """Bytes ``[start, end)`` of a representation: half-open, so ``end - start`` is the length."""
+    """Bytes ``[start, end)`` of a representation: half-open, so ``end - start`` is the length.
+
+    May be empty (the whole of a zero-length object is ``ByteRange(0, 0)``), but ``parse_range``
+    never returns an empty one, and no Content-Range can describe one."""
 
     start: int
     end: int
 
     def __post_init__(self) -> None:
-        if not 0 <= self.start < self.end:
-            raise ValueError(f"not a non-empty byte range: [{self.start}, {self.end})")
+        if not 0 <= self.start <= self.end:
+            raise ValueError(f"not a byte range: [{self.start}, {self.end})")
 
     @property
     def length(self) -> int:
@@ -193,8 +196,8 @@ def parse_range(header: str | None, size: int, *, max_ranges: int = 16) -> list[
 
 def content_range(r: ByteRange, size: int) -> str:
     """The ``Content-Range`` value of a 206 part: ``bytes FIRST-LAST/SIZE``, LAST inclusive."""
-    if r.end > size:
-        raise ValueError(f"range [{r.start}, {r.end}) is past the end of {size} bytes")
+    if r.end > size or r.start == r.end:
+        raise ValueError(f"range [{r.start}, {r.end}) is empty or past the end of {size} bytes")
     return f"bytes {r.start}-{r.end - 1}/{size}"
 
 
@@ -228,8 +231,7 @@ class MultipartByteranges:
         if not ranges:
             raise ValueError("a multipart/byteranges body needs at least one part")
         for r in ranges:
-            if r.end > size:
-                raise ValueError(f"range [{r.start}, {r.end}) is past the end of {size} bytes")
+            content_range(r, size)  # raises for an empty part or one past the end
         # A CR or LF here would let a stored content type inject header lines into the body.
         if not _HEADER_VALUE.fullmatch(content_type):
             raise ValueError(f"not a usable part Content-Type: {content_type!r}")
