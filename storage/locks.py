@@ -30,9 +30,10 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 log = logging.getLogger("chunkgate.locks")
 
@@ -73,6 +74,14 @@ class _LeaseHome(Protocol):
     async def _release(self, lease: Lease) -> None: ...
 
 
+class _LiveState(Protocol):
+    def active(self) -> int: ...
+
+    def waiting(self) -> int: ...
+
+    def oldest_age(self) -> float: ...
+
+
 @dataclass(eq=False)
 class Lease:
     """One holder's claim on one key. Identity matters: two leases are never equal.
@@ -86,9 +95,13 @@ class Lease:
     acquired_at: float
     renewed_at: float
     release_requested: asyncio.Event = field(default_factory=asyncio.Event)
-    _home: _LeaseHome | None = field(default=None, repr=False)
-    _state: str = field(default=_HELD, repr=False)
-    _lost_reason: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        # Not dataclass fields: ``dataclasses.asdict``/``replace`` must neither copy the locker
+        # nor let a copy of a lease share or reset its state.
+        self._home: _LeaseHome | None = None
+        self._state = _HELD
+        self._lost_reason = ""
 
     @property
     def valid(self) -> bool:
@@ -130,16 +143,19 @@ class LockStats:
     stale_cleared: int = 0
     release_requests: int = 0
     wait_seconds_sum: float = 0.0
-    _live: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Not a field, so ``dataclasses.asdict(stats)`` stays plain numbers.
+        self._live: _LiveState | None = None
 
     def active(self) -> int:
-        return int(self._live.active()) if self._live is not None else 0
+        return self._live.active() if self._live is not None else 0
 
     def waiting(self) -> int:
-        return int(self._live.waiting()) if self._live is not None else 0
+        return self._live.waiting() if self._live is not None else 0
 
     def oldest_age(self) -> float:
-        return float(self._live.oldest_age()) if self._live is not None else 0.0
+        return self._live.oldest_age() if self._live is not None else 0.0
 
 
 @runtime_checkable
@@ -169,7 +185,21 @@ class Locker(Protocol):
         """JSON-able state for ``/admin/locks``."""
         ...
 
-    def __len__(self) -> int: ...
+    def active(self) -> int:
+        """Keys held now (a gauge, computed at call time)."""
+        ...
+
+    def waiting(self) -> int:
+        """Acquirers waiting now, over all keys."""
+        ...
+
+    def oldest_age(self) -> float:
+        """Seconds the longest-held current lease has been held; 0.0 when none is."""
+        ...
+
+    def __len__(self) -> int:
+        """Keys with live entries (held or waited for); 0 when idle."""
+        ...
 
 
 @dataclass(eq=False)
@@ -219,7 +249,8 @@ class LockManager:
         # One counter for all keys: strictly increasing per key even after a key's entry was
         # freed and re-created, which a per-entry counter could not promise.
         self._tokens = itertools.count(1)
-        self.stats = LockStats(_live=self)
+        self.stats = LockStats()
+        self.stats._live = self
 
     # -- the Locker protocol ---------------------------------------------------------------
 
@@ -230,7 +261,8 @@ class LockManager:
 
         A stale holder is cleared (and counted, and logged) by the first waiter in line, at the
         holder's stale deadline even if nothing else happens. ``request_release`` sets the
-        current holder's ``release_requested`` event. Raises ``LockTimeout`` after ``timeout``
+        ``release_requested`` event of the holder at the time of asking (holders after it are
+        not asked again). Raises ``LockTimeout`` after ``timeout``
         seconds (default: the manager's). A waiter that times out or is cancelled leaves the
         queue and, if it had just been granted the lock, passes it on."""
         limit = self.timeout if timeout is None else max(0.0, float(timeout))
@@ -355,9 +387,8 @@ class LockManager:
     # -- the state machine: all synchronous, so no other task runs in between ---------------
 
     def _grant(self, entry: _KeyEntry, owner: str, enqueued_at: float, now: float) -> Lease:
-        lease = Lease(
-            key=entry.key, owner=owner, token=next(self._tokens), acquired_at=now, renewed_at=now, _home=self
-        )
+        lease = Lease(key=entry.key, owner=owner, token=next(self._tokens), acquired_at=now, renewed_at=now)
+        lease._home = self
         entry.holder = lease
         wait = max(0.0, now - enqueued_at)
         self.stats.acquisitions += 1

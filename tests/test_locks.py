@@ -8,6 +8,7 @@ the real clock with short limits and assert only on outcomes, never on durations
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 
@@ -365,6 +366,10 @@ async def test_statistics_and_wait_observer() -> None:
     assert mgr.stats.acquisitions == 2 and len(waits) == 2
     assert waits[0] == 0.0 and waits[1] > 0
     assert mgr.stats.wait_seconds_sum == pytest.approx(sum(waits))
+    assert dataclasses.asdict(mgr.stats) == {
+        "acquisitions": 2, "timeouts": 0, "stale_cleared": 0, "release_requests": 0,
+        "wait_seconds_sum": mgr.stats.wait_seconds_sum,
+    }
     assert isinstance(mgr.stats, LockStats)
 
 
