@@ -268,8 +268,8 @@ class ObjectStore:
         self._pending_gc.add(task)
         task.add_done_callback(self._pending_gc.discard)
 
-    async def delete_chunks(self, key: str, version: str, count: int) -> None:
-        for index in range(count):
+    async def delete_chunks(self, key: str, version: str, count: int, *, first: int = 0) -> None:
+        for index in range(first, first + count):
             ck = keys.chunk_key(key, version, index)
             self.cache.discard(ck)
             try:
@@ -460,13 +460,19 @@ class ChunkWriter:
     (N + 1) x chunk size whatever the object size, and makes a slow store slow the client
     down (``add`` waits for a slot) instead of growing memory."""
 
-    def __init__(self, store: ObjectStore, key: str, version: str) -> None:
+    def __init__(self, store: ObjectStore, key: str, version: str, *, first_index: int = 0, first_offset: int = 0,
+                 fence: Callable[[], None] | None = None) -> None:
+        # first_index/first_offset: a tus upload adds chunks to its version across requests.
+        # fence: called right before each chunk put (a lease's check), so a holder cleared as
+        # stale stops writing.
         self.store = store
         self.key = key
         self.version = version
         self._slots = asyncio.Semaphore(store.options.write_concurrency)
         self._tasks: list[asyncio.Task[ChunkRef]] = []
-        self._offset = 0
+        self._first = first_index
+        self._offset = first_offset
+        self._fence = fence
 
     async def add(self, data: bytes) -> None:
         """Hand over one chunk's bytes. ``data`` must be an immutable ``bytes`` nobody reuses."""
@@ -475,7 +481,7 @@ class ChunkWriter:
             if t.done() and t.exception() is not None:
                 self._slots.release()
                 raise t.exception()  # type: ignore[misc]
-        index, offset = len(self._tasks), self._offset
+        index, offset = self._first + len(self._tasks), self._offset
         self._offset += len(data)
         self._tasks.append(asyncio.ensure_future(self._write(index, offset, data)))
 
@@ -485,6 +491,8 @@ class ChunkWriter:
             ck = keys.chunk_key(self.key, self.version, index)
             backend = self.store.backend
             try:
+                if self._fence is not None:
+                    self._fence()
                 # create-only: a chunk key is written once, ever; a collision is a bug, not a race to win
                 await backend.put(ck, data, if_none_match=True)
                 info = await backend.head(ck)
@@ -501,11 +509,15 @@ class ChunkWriter:
     async def finish(self) -> list[ChunkRef]:
         return list(await asyncio.gather(*self._tasks))
 
+    async def results(self) -> list[ChunkRef | BaseException]:
+        """Wait for every chunk handed over; each one's ref or error, in index order."""
+        return list(await asyncio.gather(*self._tasks, return_exceptions=True))
+
     async def abort(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.shield(self.store.delete_chunks(self.key, self.version, len(self._tasks)))
+        await asyncio.shield(self.store.delete_chunks(self.key, self.version, len(self._tasks), first=self._first))
 
 
 async def _rechunk(body: AsyncIterable[bytes], chunk_size: int, limit: int | None) -> AsyncIterator[bytes]:
