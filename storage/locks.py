@@ -262,9 +262,9 @@ class LockManager:
         A stale holder is cleared (and counted, and logged) by the first waiter in line, at the
         holder's stale deadline even if nothing else happens. ``request_release`` sets the
         ``release_requested`` event of the holder at the time of asking (holders after it are
-        not asked again). Raises ``LockTimeout`` after ``timeout``
-        seconds (default: the manager's). A waiter that times out or is cancelled leaves the
-        queue and, if it had just been granted the lock, passes it on."""
+        not asked again). Raises ``LockTimeout`` after ``timeout`` seconds (default: the
+        manager's; 0 means "only if free or stale now"). A waiter that times out or is
+        cancelled leaves the queue and, if it had just been granted the lock, passes it on."""
         limit = self.timeout if timeout is None else max(0.0, float(timeout))
         start = self._clock()
         entry = self._entries.get(key)
