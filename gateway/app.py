@@ -92,6 +92,8 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     app["metrics"] = metrics
     app["store"] = store
     app["started"] = time.time()
+    app["inflight"] = 0  # requests being handled; serve drains these on SIGTERM
+    app["draining"] = False
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -134,6 +136,8 @@ def _add_uploads(app: web.Application) -> None:
 async def decorate_response(request: web.Request, response: web.StreamResponse) -> None:
     """Headers every response carries, set just before headers go out (streamed responses too)."""
     response.headers.setdefault("X-Request-Id", request.get("request_id", ""))
+    if request.app["draining"]:
+        response.force_close()  # shutting down: no more requests on this connection
     allow = request.get("cors_allow")
     if allow is not None and "Access-Control-Allow-Origin" not in response.headers:
         response.headers["Access-Control-Allow-Origin"] = allow
@@ -179,6 +183,7 @@ async def request_id_middleware(request: web.Request, handler: Any) -> web.Strea
     request["request_id"] = rid
     t0 = time.perf_counter()
     status = 500
+    request.app["inflight"] += 1
     try:
         response = await handler(request)
         status = response.status
@@ -188,6 +193,7 @@ async def request_id_middleware(request: web.Request, handler: Any) -> web.Strea
         exc.headers["X-Request-Id"] = rid
         raise
     finally:
+        request.app["inflight"] -= 1
         access_log.info(
             "%s %s %s %d %d %.4f",
             request.remote, request.method, request.path_qs if len(request.path_qs) < 2048 else request.path, status,

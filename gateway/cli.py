@@ -84,8 +84,15 @@ async def serve(cfg: ServeConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logging.getLogger("chunkgate").info("shutting down: finishing in-flight requests (up to %gs)", cfg.shutdown_timeout)
-    # aiohttp stops accepting, lets handlers finish up to shutdown_timeout, then cancels them;
-    # a cancelled PUT or PATCH aborts its upload, so nothing half-done is committed.
+    # Stop accepting first and drain ourselves: once aiohttp's own shutdown starts it drops
+    # incoming bytes, so an upload whose body is still arriving could never finish. After the
+    # drain (bounded), aiohttp cancels what is left; a cancelled PUT or PATCH aborts its upload,
+    # so nothing half-done is committed.
+    app["draining"] = True
+    await site.stop()
+    deadline = loop.time() + cfg.shutdown_timeout
+    while app["inflight"] > 0 and loop.time() < deadline:
+        await asyncio.sleep(0.05)
     await runner.cleanup()
     return 0
 
