@@ -204,6 +204,11 @@ async def _serve(request: web.Request, store: ObjectStore, m: Manifest) -> web.S
         request["chunkgate.bytes_sent"] = sent
         _abort(request)
         return response
+    except ConnectionResetError:
+        # The viewer went away mid-body (players cancel a request on every seek): normal
+        # traffic, not a server error; without this it was logged with a traceback and counted 500.
+        log.debug("client closed the connection to %r after %d bytes", m.key, sent)
+        return response
     finally:
         request["chunkgate.bytes_sent"] = sent
         for stream in streams:
