@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -110,8 +111,12 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
         check = getattr(store.backend, "check", None)
         if check is not None:
             await check()
+        app["background"] = [asyncio.ensure_future(_clear_stale_locks(store.locks, cfg.lock_stale_after))]
 
     async def on_cleanup(app: web.Application) -> None:
+        for task in app.get("background", []):
+            task.cancel()
+        await asyncio.gather(*app.get("background", []), return_exceptions=True)
         uploads = app.get("uploads")
         if uploads is not None and hasattr(uploads, "close"):
             await uploads.close()
@@ -122,6 +127,19 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+async def _clear_stale_locks(locks: Any, every: float) -> None:
+    """A lease that went stale while nobody waited for its key is cleared here, so its entry
+    (and its place in /admin/locks and the lock gauges) does not linger forever."""
+    while True:
+        await asyncio.sleep(max(0.5, every))
+        try:
+            clear = getattr(locks, "clear_stale", None)
+            if clear is not None:
+                await clear()
+        except Exception:  # never let housekeeping die
+            logging.getLogger("chunkgate.locks").exception("clearing stale locks failed")
 
 
 def _add_uploads(app: web.Application) -> None:
