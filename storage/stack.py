@@ -67,7 +67,29 @@ def _retries_itself(backend: Backend) -> bool:
 
 
 def build_locks(opts: StackOptions, backend: Backend, on_wait: Callable[[float], None] | None = None) -> Any:
+    kind = opts.locks
+    if kind == "auto":
+        # An S3 bucket is what several gateways behind a load balancer share, so it gets leases
+        # in the store; a local directory is one gateway's, where in-process locks are correct
+        # and cost no store requests.
+        kind = "store" if opts.store.lower().startswith("s3://") else "local"
+    if kind == "store":
+        from storage.leases import StoreLockManager
+
+        return StoreLockManager(_below_limiter(backend), stale_after=opts.lock_stale_after,
+                                timeout=opts.lock_timeout, on_wait=on_wait)
     return LockManager(stale_after=opts.lock_stale_after, timeout=opts.lock_timeout, on_wait=on_wait)
+
+
+def _below_limiter(backend: Backend) -> Backend:
+    """The stack under the limiter (still observed): a lease renewal queued behind a burst of
+    data requests could miss its deadline and lose a lease that its holder is using."""
+    node = backend
+    while hasattr(node, "inner"):
+        if type(node).__name__ == "LimitedBackend":
+            return node.inner  # type: ignore[attr-defined, no-any-return]
+        node = node.inner  # type: ignore[attr-defined]
+    return backend
 
 
 def build_store(opts: StackOptions, store_options: StoreOptions, observer: Any = None,

@@ -1,0 +1,519 @@
+"""Store-backed leases: the ``Locker`` protocol across several gateway processes over one store.
+
+``StoreLockManager`` composes two layers per key:
+
+1. the in-process ``LockManager`` first, so the tasks of one gateway queue FIFO among
+   themselves and the store sees at most one lease request per key per gateway;
+2. then a lease record in the store (``storage.keys.lease_key``), a small JSON document with
+   owner, gateway id, fencing token and expiry, created with ``If-None-Match: *`` and renewed,
+   released or taken over with ``If-Match`` on the record's ETag. The conditional write is the
+   only arbiter: whoever's write succeeds holds the lease, whoever's write fails learns it lost.
+
+A holder's record is renewed in the background every ``stale_after / 3`` seconds for as long as
+its in-process lease is live (held, and renewed by its holder within ``stale_after`` -- the same
+rule as in one process). A record whose expiry has passed belongs to a dead or frozen gateway:
+the next waiter takes it over with a conditional write and a token one larger. The frozen holder
+learns it on its next renewal (``If-Match`` fails), and even before that its ``check()`` refuses
+once its own conservative deadline (measured from *before* its last successful write) has
+passed -- so a holder that slept through its expiry never commits under a lease someone else
+may hold.
+
+Records are never deleted, only marked released: deleting needs an unconditional delete, which
+could remove a record another gateway just took over, and a kept record keeps fencing tokens
+strictly increasing per key across all gateways. They are a few hundred bytes per key ever locked.
+
+Expiry is judged on the wall clock written into the record, so gateways need clocks in sync to
+well under ``stale_after`` (NTP); as a backstop a waiter also treats a record it has seen
+unchanged (same ETag) for longer than ``stale_after`` on its own monotonic clock as expired.
+
+Must never: let two leases of one key be valid at once as far as ``check()`` can tell (a valid
+lease's deadline always ends before its record's expiry); delete a lease record; let a renewal
+or a take-over wait behind data traffic (build it on the backend *below* any limiter); import
+aiohttp or ``gateway``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import socket
+import time
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from storage import keys
+from storage.backends.base import Backend, NotFound, PermanentError, PreconditionFailed, TransientError
+from storage.errors import StoreFailed, StoreUnavailable
+from storage.locks import Lease, LeaseLost, LockManager, LockTimeout, _hold
+
+log = logging.getLogger("chunkgate.leases")
+
+LEASE_FORMAT = "chunkgate.lease/1"
+# Time taken off a holder's own deadline: the record's expiry is written as wall time after the
+# write, the local deadline is measured from before it, and this covers clock granularity.
+_SAFETY_SECONDS = 0.05
+_FIRST_POLL_SECONDS = 0.01
+
+
+def gateway_id() -> str:
+    """An id for this process, unique across hosts and restarts (shown in /admin/locks)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+def release_request_key(key: str) -> str:
+    """Where a waiter on another gateway asks the holder of ``key`` to let go. A sibling of the
+    lease record (not below it: on the fs store ``l/<kid>`` is a file, not a directory)."""
+    return keys.lease_key(key) + ".release"
+
+
+class StoreLockStats:
+    """The ``LockStats`` counters (duck-typed) plus ``lease_conflicts`` (conditional lease writes
+    that lost a race) and ``takeovers`` (expired records of other holders taken over), which the
+    metrics adapter reads. Stale clears and release requests of the in-process layer are added in."""
+
+    def __init__(self, manager: StoreLockManager) -> None:
+        self._m = manager
+        self.acquisitions = 0
+        self.timeouts = 0
+        self.wait_seconds_sum = 0.0
+        self.lease_conflicts = 0
+        self.takeovers = 0
+        self.remote_release_requests = 0
+
+    @property
+    def stale_cleared(self) -> int:
+        return self._m.local.stats.stale_cleared + self.takeovers
+
+    @property
+    def release_requests(self) -> int:
+        return self._m.local.stats.release_requests + self.remote_release_requests
+
+    def active(self) -> int:
+        return self._m.local.active()
+
+    def waiting(self) -> int:
+        return self._m.local.waiting()
+
+    def oldest_age(self) -> float:
+        return self._m.local.oldest_age()
+
+
+@dataclass(eq=False)
+class _Slot:
+    """This gateway's hold on one key's lease record."""
+
+    key: str
+    token: int
+    etag: str
+    record: dict[str, Any]
+    valid_until: float  # monotonic; check() refuses after it
+    lost: str = ""
+    renewer: asyncio.Task[None] | None = None
+
+
+class StoreLease(Lease):
+    """A ``Lease`` valid only while both its in-process lease and its store record are.
+
+    ``token`` is the store record's fencing token (strictly increasing per key across every
+    gateway on the store)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Set by the manager right after construction; not dataclass fields (see ``Lease``).
+        self._local: Lease | None = None
+        self._slot: _Slot | None = None
+
+    @property
+    def valid(self) -> bool:
+        try:
+            self.check()
+        except LeaseLost:
+            return False
+        return True
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` unless both layers are current. Synchronous, so a caller can run
+        it with no ``await`` before its conditional write."""
+        assert self._local is not None and self._slot is not None
+        if not self._local.valid:
+            raise LeaseLost(self.key, self.token, self._local._lost_reason or "is no longer current")
+        slot = self._slot
+        if slot.lost:
+            raise LeaseLost(self.key, self.token, slot.lost)
+        if time.monotonic() > slot.valid_until:
+            raise LeaseLost(self.key, self.token, "expired in the store before it could be renewed")
+
+    def renew(self) -> None:
+        """Mark the holder alive: the background renewer keeps the store record current while
+        the holder renews within ``stale_after``."""
+        self.check()
+        assert self._local is not None
+        self._local.renew()
+        self.renewed_at = self._local.renewed_at
+
+    async def release(self) -> None:
+        if self._home is None or self._state != "held":
+            return
+        await self._home._release(self)
+
+
+class StoreLockManager:
+    """A ``Locker`` whose leases hold across every gateway using the same store.
+
+    ``backend`` must be the backend below any request limiter (renewals must never queue behind
+    data traffic). ``clock`` is the wall clock written into records; local deadlines use
+    ``time.monotonic``."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        stale_after: float = 30.0,
+        timeout: float = 20.0,
+        on_wait: Callable[[float], None] | None = None,
+        gateway: str | None = None,
+        clock: Callable[[], float] = time.time,
+        max_poll: float | None = None,
+    ) -> None:
+        self.backend = backend
+        self.local = LockManager(stale_after=stale_after, timeout=timeout)
+        self.stale_after = float(stale_after)
+        self.timeout = float(timeout)
+        self.gateway = gateway or gateway_id()
+        self.renew_interval = self.stale_after / 3
+        # Waiters poll the record; a free lease is found within this much (plus jitter).
+        self.max_poll = max_poll if max_poll is not None else min(0.2, self.stale_after / 5)
+        self._clock = clock
+        self._on_wait = on_wait
+        self._slots: dict[str, _Slot] = {}
+        self.stats = StoreLockStats(self)
+
+    # -- the Locker protocol ---------------------------------------------------------------
+
+    async def acquire(
+        self, key: str, *, owner: str, timeout: float | None = None, request_release: bool = False
+    ) -> Lease:
+        """In-process FIFO first, then the store record; one deadline covers both. Raises
+        ``LockTimeout``; ``StoreUnavailable``/``StoreFailed`` when the store cannot be asked."""
+        limit = self.timeout if timeout is None else max(0.0, float(timeout))
+        started = time.monotonic()
+        deadline = started + limit
+        try:
+            local = await self.local.acquire(key, owner=owner, timeout=limit, request_release=request_release)
+        except LockTimeout:
+            self.stats.timeouts += 1
+            raise
+        try:
+            slot = await self._take(key, owner, started, deadline, request_release)
+        except BaseException:
+            await local.release()
+            raise
+        now = self._clock()
+        lease = StoreLease(
+            key=key, owner=owner, token=slot.token, acquired_at=local.acquired_at, renewed_at=local.renewed_at,
+            release_requested=local.release_requested,
+        )
+        lease._home, lease._local, lease._slot = self, local, slot
+        self._slots[key] = slot
+        slot.renewer = asyncio.ensure_future(self._renew_loop(lease))
+        waited = time.monotonic() - started
+        self.stats.acquisitions += 1
+        self.stats.wait_seconds_sum += waited
+        if self._on_wait is not None:
+            try:
+                self._on_wait(waited)
+            except Exception:  # a metrics adapter's bug must never break the hand-off
+                log.exception("lock wait observer failed")
+        log.debug("lease of %r taken by %s/%s, token %d at %.3f", key, self.gateway, owner, slot.token, now)
+        return lease
+
+    def hold(
+        self, key: str, *, owner: str, timeout: float | None = None, request_release: bool = False
+    ) -> AbstractAsyncContextManager[Lease]:
+        return _hold(self, key, owner=owner, timeout=timeout, request_release=request_release)
+
+    async def clear_stale(self) -> int:
+        return await self.local.clear_stale()
+
+    def snapshot(self) -> dict[str, Any]:
+        snap = self.local.snapshot()
+        for entry in snap["locks"]:
+            slot = self._slots.get(entry["key"])
+            if slot is not None:
+                entry["store_token"] = slot.token
+                entry["store_expires"] = slot.record.get("expires")
+        snap["gateway"] = self.gateway
+        snap["mode"] = "store"
+        snap["totals"].update(
+            acquisitions=self.stats.acquisitions,
+            timeouts=self.stats.timeouts,
+            stale_cleared=self.stats.stale_cleared,
+            release_requests=self.stats.release_requests,
+            wait_seconds_sum=self.stats.wait_seconds_sum,
+            lease_conflicts=self.stats.lease_conflicts,
+            takeovers=self.stats.takeovers,
+        )
+        return snap
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+    def active(self) -> int:
+        return self.local.active()
+
+    def waiting(self) -> int:
+        return self.local.waiting()
+
+    def oldest_age(self) -> float:
+        return self.local.oldest_age()
+
+    async def close(self) -> None:
+        """Stop every renewer and release every record still held (shutdown). Idempotent."""
+        for slot in list(self._slots.values()):
+            await self._drop(slot, release_record=True)
+
+    # -- records -----------------------------------------------------------------------------
+
+    def _record(self, key: str, owner: str, token: int, acquired: float | None = None) -> dict[str, Any]:
+        now = self._clock()
+        return {
+            "format": LEASE_FORMAT,
+            "key": key,
+            "owner": owner,
+            "gateway": self.gateway,
+            "token": token,
+            "acquired": now if acquired is None else acquired,
+            "renewed": now,
+            "expires": now + self.stale_after,
+            "released": False,
+        }
+
+    @staticmethod
+    def _parse(data: bytes) -> dict[str, Any] | None:
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            return None
+        if not isinstance(doc, dict) or doc.get("format") != LEASE_FORMAT or not isinstance(doc.get("token"), int):
+            return None
+        return doc
+
+    async def _write(self, key: str, record: dict[str, Any], **cond: Any) -> tuple[str, float]:
+        """Conditional write of a record; returns (etag, monotonic deadline for check()).
+
+        Shielded: if the caller is cancelled while the write is in flight, a write that then
+        succeeds is released at once instead of blocking the key until it expires."""
+        before = time.monotonic()
+        data = json.dumps(record, sort_keys=True).encode()
+        put = asyncio.ensure_future(self.backend.put(keys.lease_key(key), data, **cond))
+        try:
+            etag = await asyncio.shield(put)
+        except asyncio.CancelledError:
+            put.add_done_callback(lambda t: self._release_orphan(key, record, t))
+            raise
+        return etag, before + self.stale_after - _SAFETY_SECONDS
+
+    def _release_orphan(self, key: str, record: dict[str, Any], put: asyncio.Future[str]) -> None:
+        if put.cancelled() or put.exception() is not None:
+            return
+        released = dict(record, released=True, expires=self._clock())
+        data = json.dumps(released, sort_keys=True).encode()
+        task = asyncio.ensure_future(self.backend.put(keys.lease_key(key), data, if_match=put.result()))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _take(self, key: str, owner: str, started: float, deadline: float, request_release: bool) -> _Slot:
+        """Get the store record of ``key`` for this gateway, waiting while another holds it."""
+        delay = _FIRST_POLL_SECONDS
+        seen_etag, seen_since = "", 0.0
+        asked = False
+        last_error: Exception | None = None
+        while True:
+            wait_for: float | None = None
+            try:
+                slot = await self._try_take(key, owner)
+                if isinstance(slot, _Slot):
+                    return slot
+                if slot is not None:
+                    record, etag = slot
+                    now_mono = time.monotonic()
+                    if etag != seen_etag:
+                        seen_etag, seen_since = etag, now_mono
+                    elif now_mono - seen_since > self.stale_after:
+                        # Backstop for a holder whose clock runs ahead: unchanged for a whole
+                        # stale period by our own clock means nobody renews it.
+                        taken = await self._take_over(key, owner, record, etag, expired=True)
+                        if taken is not None:
+                            return taken
+                        continue
+                    if request_release and not asked:
+                        asked = True
+                        await self._ask_release(key, record)
+                    wait_for = max(0.0, float(record.get("expires", 0)) - self._clock()) + 0.005
+            except TransientError as exc:
+                last_error = exc
+            except PermanentError as exc:
+                raise StoreFailed(f"the store refused the lease of {key!r}: {exc}") from exc
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.stats.timeouts += 1
+                if last_error is not None:
+                    raise StoreUnavailable(f"the store failed while waiting for the lease of {key!r}: {last_error}")
+                raise LockTimeout(key, time.monotonic() - started)
+            # Full jitter, so pollers on several gateways do not line up; never sleep past the
+            # holder's expiry, so a dead holder's key frees within a few ms of it.
+            pause = random.uniform(delay / 2, delay)
+            if wait_for is not None:
+                pause = min(pause, wait_for)
+            await asyncio.sleep(min(pause, remaining))
+            delay = min(delay * 2, self.max_poll)
+
+    async def _try_take(self, key: str, owner: str) -> _Slot | tuple[dict[str, Any], str] | None:
+        """One attempt. Returns the slot when taken, (record, etag) of a live holder, or None
+        when a race was lost (retry at once)."""
+        lkey = keys.lease_key(key)
+        mine = self._slots.get(key)
+        if mine is not None and not mine.lost and mine.renewer is not None:
+            # Our own previous holder still owns the record (it was cleared as stale in this
+            # process, or is releasing): take it from our own ETag, no need to wait for expiry.
+            prior = mine
+            await self._drop(prior, release_record=False)
+            taken = await self._take_over(key, owner, prior.record, prior.etag, expired=False)
+            if taken is not None:
+                return taken
+        try:
+            blob = await self.backend.get(lkey)
+        except NotFound:
+            record = self._record(key, owner, 1)
+            try:
+                etag, until = await self._write(key, record, if_none_match=True)
+            except PreconditionFailed:
+                self.stats.lease_conflicts += 1
+                return None
+            return _Slot(key, 1, etag, record, until)
+        current = self._parse(blob.data)
+        if current is None:
+            log.error("lease record of %r is unreadable; replacing it", key)
+            return await self._take_over(key, owner, {"token": 0, "released": True}, blob.etag, expired=False)
+        if current.get("released") or float(current.get("expires", 0)) <= self._clock():
+            return await self._take_over(key, owner, current, blob.etag, expired=not current.get("released"))
+        return current, blob.etag
+
+    async def _take_over(
+        self, key: str, owner: str, current: dict[str, Any], etag: str, *, expired: bool
+    ) -> _Slot | None:
+        token = int(current.get("token", 0)) + 1
+        record = self._record(key, owner, token)
+        try:
+            new_etag, until = await self._write(key, record, if_match=etag)
+        except PreconditionFailed:
+            self.stats.lease_conflicts += 1
+            return None
+        if expired and current.get("gateway") != self.gateway:
+            self.stats.takeovers += 1
+            log.warning(
+                "took over the expired lease of %r from %s/%s (token %s, expired %.1fs ago)",
+                key, current.get("gateway"), current.get("owner"), current.get("token"),
+                self._clock() - float(current.get("expires", 0)),
+            )
+        return _Slot(key, token, new_etag, record, until)
+
+    async def _ask_release(self, key: str, current: dict[str, Any]) -> None:
+        doc = {"token": current.get("token"), "by": self.gateway, "at": self._clock()}
+        try:
+            await self.backend.put(release_request_key(key), json.dumps(doc).encode())
+        except (TransientError, PermanentError) as exc:
+            log.warning("could not ask the holder of %r to release: %s", key, exc)
+            return
+        self.stats.remote_release_requests += 1
+
+    # -- holding -----------------------------------------------------------------------------
+
+    async def _renew_loop(self, lease: StoreLease) -> None:
+        slot, local = lease._slot, lease._local
+        assert slot is not None and local is not None
+        interval = self.renew_interval
+        while True:
+            await asyncio.sleep(interval)
+            if slot.lost or not local.valid:
+                return
+            if time.monotonic() - local.renewed_at > self.stale_after:
+                # Same rule as in one process: a holder that stopped renewing is stale. Stop
+                # renewing the record so a waiter anywhere can take over at its expiry.
+                log.warning("lease of %r (token %d) not renewed by its holder %r for %.1fs; letting it expire",
+                            slot.key, slot.token, lease.owner, time.monotonic() - local.renewed_at)
+                return
+            record = dict(slot.record, renewed=self._clock(), expires=self._clock() + self.stale_after)
+            try:
+                etag, until = await self._write(slot.key, record, if_match=slot.etag)
+            except PreconditionFailed:
+                slot.lost = "was taken over in the store by another gateway"
+                log.error("lease of %r (token %d) lost: %s", slot.key, slot.token, slot.lost)
+                return
+            except (TransientError, PermanentError) as exc:
+                # Keep trying; check() starts refusing on its own when the deadline passes.
+                log.warning("renewing the lease of %r failed: %s", slot.key, exc)
+                interval = max(0.05, min(self.renew_interval, slot.valid_until - time.monotonic()) / 2)
+                continue
+            slot.etag, slot.record, slot.valid_until = etag, record, until
+            interval = self.renew_interval
+            await self._check_release_request(slot, lease)
+
+    async def _check_release_request(self, slot: _Slot, lease: StoreLease) -> None:
+        try:
+            blob = await self.backend.get(release_request_key(slot.key))
+        except (NotFound, TransientError, PermanentError):
+            return
+        try:
+            doc = json.loads(blob.data)
+        except ValueError:
+            doc = {}
+        if isinstance(doc, dict) and doc.get("token") == slot.token:
+            lease.release_requested.set()
+        try:
+            await self.backend.delete(release_request_key(slot.key))
+        except (TransientError, PermanentError):
+            pass
+
+    async def _drop(self, slot: _Slot, *, release_record: bool) -> None:
+        """Stop renewing ``slot``; mark its record released (conditionally) when asked."""
+        task, slot.renewer = slot.renewer, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._slots.get(slot.key) is slot:
+            del self._slots[slot.key]
+        was_lost = slot.lost
+        if not slot.lost:
+            slot.lost = "was released"
+        if not release_record or was_lost or time.monotonic() > slot.valid_until:
+            return
+        record = dict(slot.record, released=True, expires=self._clock())
+        try:
+            await self.backend.put(keys.lease_key(slot.key), json.dumps(record, sort_keys=True).encode(),
+                                   if_match=slot.etag)
+        except PreconditionFailed:
+            pass  # someone took it over already: nothing of ours to release
+        except (TransientError, PermanentError) as exc:
+            log.warning("could not release the lease of %r in the store (it expires by itself): %s", slot.key, exc)
+
+    def _now(self) -> float:
+        return self.local._now()
+
+    async def _release(self, lease: Lease) -> None:
+        assert isinstance(lease, StoreLease) and lease._slot is not None and lease._local is not None
+        if lease._state != "held":
+            return
+        lease._state = "released"
+        lease._lost_reason = "was released"
+        try:
+            # The store record first, so the next holder (here or elsewhere) finds it free.
+            if self._slots.get(lease.key) is lease._slot:
+                await asyncio.shield(self._drop(lease._slot, release_record=lease._local.valid))
+            else:
+                lease._slot.lost = lease._slot.lost or "was released"
+        finally:
+            await lease._local.release()
