@@ -81,6 +81,9 @@ def map_error(exc: Exception, what: str) -> BackendError:
         meta = exc.response.get("ResponseMetadata", {})
         status = int(meta.get("HTTPStatusCode") or 0)
         message = f"{what}: {code or status} {error.get('Message', '')}".rstrip()
+        if code == "KeyTooLongError":
+            # AWS caps keys at 1024 bytes (checked before calling), SeaweedFS each segment at 255.
+            return InvalidKey(message)
         if code in _PERMANENT_CODES:
             return PermanentError(message)
         if code in _NOT_FOUND_CODES or status == 404:
