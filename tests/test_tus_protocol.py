@@ -1,0 +1,444 @@
+"""tus 1.0 at /uploads/ with aiohttp's client against an in-process gateway: header parsing
+(table-driven), each verb's statuses and headers, checksums, deferred length, termination,
+expiry, release requests and lease fencing."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+from typing import Any, AsyncIterator
+
+import aiohttp
+import pytest
+
+from gateway.config import ServeConfig
+from gateway.errors import HTTPError
+from gateway.tus import parse_checksum, parse_metadata, parse_uint
+from storage.backends.memory import MemoryBackend
+from storage.locks import LeaseLost, LockManager
+from storage.objects import ObjectStore, StoreOptions
+from storage.uploads import UploadOptions, UploadSessions
+from tests.support.gateway import in_process_gateway
+
+pytestmark = pytest.mark.timeout(60)
+
+TUS = {"Tus-Resumable": "1.0.0"}
+OCTETS = "application/offset+octet-stream"
+CHUNK = 1024
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def meta(**pairs: str) -> str:
+    return ",".join(f"{k.replace('_', '-')} {b64(v)}" for k, v in pairs.items())
+
+
+def patch_headers(offset: int, **extra: str) -> dict[str, str]:
+    return {**TUS, "Upload-Offset": str(offset), "Content-Type": OCTETS, **extra}
+
+
+def payload(n: int) -> bytes:
+    return hashlib.sha256(str(n).encode()).digest() * (n // 32) + b"x" * (n % 32)
+
+
+# ------------------------------------------------------------------------------ pure parsing
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        (None, {}),
+        ("", {}),
+        (f"key {b64('videos/a.mp4')}", {"key": "videos/a.mp4"}),
+        (f"key {b64('a')},filetype {b64('video/mp4')}", {"key": "a", "filetype": "video/mp4"}),
+        (f"key {b64('a')}, flag", {"key": "a", "flag": None}),
+        (f"key {b64('ü/ä')}", {"key": "ü/ä"}),
+    ],
+)
+def test_parse_metadata_accepts_tus_pairs(header: str | None, expected: dict[str, Any]) -> None:
+    assert parse_metadata(header) == expected
+
+
+@pytest.mark.parametrize("header", ["key not*base64", f"key {b64('a')},key {b64('b')}", "key a b c", f",key {b64('a')}"])
+def test_parse_metadata_rejects_malformed_pairs(header: str) -> None:
+    with pytest.raises(HTTPError) as info:
+        parse_metadata(header)
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        (None, None),
+        (f"sha1 {base64.b64encode(hashlib.sha1(b'x').digest()).decode()}", ("sha1", hashlib.sha1(b"x").digest())),
+        (f"sha256 {base64.b64encode(hashlib.sha256(b'x').digest()).decode()}", ("sha256", hashlib.sha256(b"x").digest())),
+        (f"md5 {base64.b64encode(hashlib.md5(b'x').digest()).decode()}", ("md5", hashlib.md5(b"x").digest())),
+    ],
+)
+def test_parse_checksum_supported_algorithms(header: str | None, expected: Any) -> None:
+    assert parse_checksum(header) == expected
+
+
+@pytest.mark.parametrize(
+    "header, code",
+    [
+        ("crc32 AAAAAA==", "unsupported_checksum"),
+        ("sha1", "bad_checksum"),
+        ("sha1 ***", "bad_checksum"),
+        (f"sha1 {base64.b64encode(b'short').decode()}", "bad_checksum"),
+    ],
+)
+def test_parse_checksum_rejects_unsupported_or_malformed(header: str, code: str) -> None:
+    with pytest.raises(HTTPError) as info:
+        parse_checksum(header)
+    assert (info.value.status, info.value.code) == (400, code)
+
+
+@pytest.mark.parametrize("value, expected", [(None, None), ("0", 0), (" 42 ", 42)])
+def test_parse_uint(value: str | None, expected: int | None) -> None:
+    assert parse_uint(value, "Upload-Offset") == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "abc", "", "1e3"])
+def test_parse_uint_rejects_non_integers(value: str) -> None:
+    with pytest.raises(HTTPError):
+        parse_uint(value, "Upload-Offset")
+
+
+# ------------------------------------------------------------------------------ HTTP fixtures
+@pytest.fixture
+async def gw() -> AsyncIterator[tuple[str, Any, aiohttp.ClientSession]]:
+    cfg = ServeConfig(chunk_size=CHUNK, max_upload_size=1 << 20, lock_timeout=5.0, lock_stale_after=2.0, body_timeout=10.0)
+    async with in_process_gateway(cfg) as (url, app):
+        async with aiohttp.ClientSession() as session:
+            yield url, app, session
+
+
+async def create(session: aiohttp.ClientSession, url: str, length: int | None, key: str = "videos/clip.mp4",
+                 **extra: str) -> str:
+    headers = {**TUS, "Upload-Metadata": meta(key=key)}
+    headers.update({"Upload-Length": str(length)} if length is not None else {"Upload-Defer-Length": "1"})
+    headers.update(extra)
+    async with session.post(url + "/uploads/", headers=headers) as r:
+        assert r.status == 201, await r.text()
+        return r.headers["Location"]
+
+
+async def offset_of(session: aiohttp.ClientSession, location: str) -> int:
+    async with session.head(location, headers=TUS) as r:
+        assert r.status == 200
+        assert r.headers["Cache-Control"] == "no-store"
+        return int(r.headers["Upload-Offset"])
+
+
+async def store_keys(app: Any, prefix: str = "") -> list[str]:
+    return [i.key async for i in app["store"].backend.list(prefix)]
+
+
+# ------------------------------------------------------------------------------ OPTIONS / POST
+async def test_options_advertises_version_extensions_max_size_and_checksums(gw: Any) -> None:
+    url, _app, s = gw
+    async with s.options(url + "/uploads/") as r:
+        assert r.status == 204
+        assert r.headers["Tus-Version"] == "1.0.0"
+        assert set(r.headers["Tus-Extension"].split(",")) >= {
+            "creation", "creation-with-upload", "expiration", "checksum", "termination"}
+        assert r.headers["Tus-Max-Size"] == str(1 << 20)
+        assert set(r.headers["Tus-Checksum-Algorithm"].split(",")) == {"sha1", "sha256", "md5"}
+
+
+@pytest.mark.parametrize(
+    "headers, status, code",
+    [
+        ({"Upload-Length": "10", "Upload-Metadata": meta(key="a")}, 412, "unsupported_version"),
+        ({**TUS, "Upload-Metadata": meta(key="a")}, 400, "bad_header"),
+        ({**TUS, "Upload-Length": "10", "Upload-Defer-Length": "1", "Upload-Metadata": meta(key="a")}, 400, "bad_header"),
+        ({**TUS, "Upload-Length": "-3", "Upload-Metadata": meta(key="a")}, 400, "bad_header"),
+        ({**TUS, "Upload-Length": str((1 << 20) + 1), "Upload-Metadata": meta(key="a")}, 413, "too_large"),
+        ({**TUS, "Upload-Length": "10"}, 400, "missing_key"),
+        ({**TUS, "Upload-Length": "10", "Upload-Metadata": meta(filetype="video/mp4")}, 400, "missing_key"),
+        ({**TUS, "Upload-Length": "10", "Upload-Metadata": meta(key="a/../b")}, 400, "bad_key"),
+        ({**TUS, "Upload-Length": "10", "Upload-Metadata": meta(key="/abs")}, 400, "bad_key"),
+        ({"Tus-Resumable": "0.2.2", "Upload-Length": "10", "Upload-Metadata": meta(key="a")}, 412, "unsupported_version"),
+    ],
+)
+async def test_post_rejects_bad_creation_requests(gw: Any, headers: dict[str, str], status: int, code: str) -> None:
+    url, app, s = gw
+    async with s.post(url + "/uploads/", headers=headers) as r:
+        assert r.status == status
+        assert (await r.json())["error"] == code
+        assert r.headers["Tus-Resumable"] == "1.0.0"
+        if status == 412:
+            assert r.headers["Tus-Version"] == "1.0.0"
+    assert await store_keys(app, "u/") == []
+
+
+async def test_post_creates_an_upload_with_location_and_expiry(gw: Any) -> None:
+    url, _app, s = gw
+    async with s.post(url + "/uploads/", headers={**TUS, "Upload-Length": "100", "Upload-Metadata": meta(key="a/b.mp4")}) as r:
+        assert r.status == 201
+        assert r.headers["Location"].startswith(url + "/uploads/")
+        assert "GMT" in r.headers["Upload-Expires"]
+    async with s.head(r.headers["Location"], headers=TUS) as h:
+        assert h.status == 200
+        assert h.headers["Upload-Offset"] == "0"
+        assert h.headers["Upload-Length"] == "100"
+        assert h.headers["Upload-Metadata"] == meta(key="a/b.mp4")
+
+
+async def test_zero_length_upload_is_complete_at_creation(gw: Any) -> None:
+    url, _app, s = gw
+    await create(s, url, 0, key="empty.bin")
+    async with s.get(url + "/objects/empty.bin") as r:
+        assert r.status == 200
+        assert await r.read() == b""
+
+
+async def test_creation_with_upload_stores_the_first_bytes(gw: Any) -> None:
+    url, _app, s = gw
+    data = payload(3000)
+    headers = {**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": meta(key="cwu.bin"), "Content-Type": OCTETS}
+    async with s.post(url + "/uploads/", headers=headers, data=data[:1500]) as r:
+        assert r.status == 201
+        assert r.headers["Upload-Offset"] == "1500"
+        location = r.headers["Location"]
+    async with s.patch(location, headers=patch_headers(1500), data=data[1500:]) as r:
+        assert r.status == 204
+    async with s.get(url + "/objects/cwu.bin") as r:
+        assert await r.read() == data
+
+
+# ------------------------------------------------------------------------------ HEAD / PATCH
+@pytest.mark.parametrize(
+    "headers, status, code",
+    [
+        ({"Upload-Offset": "0", "Content-Type": OCTETS}, 412, "unsupported_version"),
+        ({**TUS, "Upload-Offset": "0", "Content-Type": "application/octet-stream"}, 415, "unsupported_media_type"),
+        ({**TUS, "Content-Type": OCTETS}, 400, "bad_header"),
+        ({**TUS, "Upload-Offset": "x", "Content-Type": OCTETS}, 400, "bad_header"),
+        ({**TUS, "Upload-Offset": "5", "Content-Type": OCTETS}, 409, "offset_mismatch"),
+        ({**TUS, "Upload-Offset": "0", "Content-Type": OCTETS, "Upload-Checksum": "crc32 AAAAAA=="}, 400, "unsupported_checksum"),
+        ({**TUS, "Upload-Offset": "0", "Content-Type": OCTETS,
+          "Upload-Checksum": "sha1 " + base64.b64encode(hashlib.sha1(b"other").digest()).decode()}, 460, "checksum_mismatch"),
+        ({**TUS, "Upload-Offset": "0", "Content-Type": OCTETS, "Upload-Length": "99"}, 400, "bad_request"),
+    ],
+)
+async def test_patch_refusals_change_nothing(gw: Any, headers: dict[str, str], status: int, code: str) -> None:
+    url, app, s = gw
+    location = await create(s, url, 2000)
+    async with s.patch(location, headers=patch_headers(0), data=payload(2000)[:1500]) as r:
+        assert r.status == 204
+    before = sorted(await store_keys(app))
+    headers = {**headers, "Upload-Offset": headers["Upload-Offset"].replace("0", "1500")} if headers.get("Upload-Offset") == "0" else headers
+    async with s.patch(location, headers=headers, data=payload(2000)[1500:]) as r:
+        assert r.status == status, await r.text()
+        assert (await r.json())["error"] == code
+        assert r.headers["Tus-Resumable"] == "1.0.0"
+        if status == 409:
+            assert r.headers["Upload-Offset"] == "1500"
+    assert await offset_of(s, location) == 1500
+    assert sorted(await store_keys(app)) == before
+
+
+@pytest.mark.parametrize("algorithm", ["sha1", "sha256", "md5"])
+async def test_patch_with_matching_checksum_is_accepted(gw: Any, algorithm: str) -> None:
+    url, _app, s = gw
+    data = payload(2500)
+    location = await create(s, url, len(data), key=f"sum-{algorithm}.bin")
+    for start, end in ((0, 1100), (1100, 2500)):
+        digest = base64.b64encode(hashlib.new(algorithm, data[start:end]).digest()).decode()
+        async with s.patch(location, headers=patch_headers(start, **{"Upload-Checksum": f"{algorithm} {digest}"}),
+                           data=data[start:end]) as r:
+            assert r.status == 204
+            assert r.headers["Upload-Offset"] == str(end)
+    async with s.get(url + f"/objects/sum-{algorithm}.bin") as r:
+        assert await r.read() == data
+
+
+async def test_checksum_mismatch_after_a_full_chunk_discards_the_whole_patch(gw: Any) -> None:
+    url, app, s = gw
+    data = payload(3 * CHUNK + 10)
+    location = await create(s, url, len(data))
+    wrong = base64.b64encode(hashlib.sha256(b"nope").digest()).decode()
+    async with s.patch(location, headers=patch_headers(0, **{"Upload-Checksum": f"sha256 {wrong}"}), data=data) as r:
+        assert r.status == 460
+    assert await offset_of(s, location) == 0
+    assert [k for k in await store_keys(app) if k.startswith("c/")] == []
+
+
+async def test_object_appears_only_when_the_last_byte_is_in(gw: Any) -> None:
+    url, _app, s = gw
+    data = payload(5 * CHUNK + 123)
+    location = await create(s, url, len(data), key="late/visible.mp4")
+    pos = 0
+    for step in (700, 2000, 1, 2500):
+        async with s.patch(location, headers=patch_headers(pos), data=data[pos:pos + step]) as r:
+            assert r.status == 204
+            pos += step
+            assert r.headers["Upload-Offset"] == str(pos)
+        async with s.get(url + "/objects/late/visible.mp4") as g:
+            assert g.status == 404
+        assert await offset_of(s, location) == pos
+    async with s.patch(location, headers=patch_headers(pos), data=data[pos:]) as r:
+        assert r.status == 204
+    async with s.get(url + "/objects/late/visible.mp4") as g:
+        assert g.status == 200
+        assert g.headers["Content-Type"] == "video/mp4"
+        assert await g.read() == data
+    async with s.get(url + "/objects/late/visible.mp4?manifest") as g:
+        m = await g.json()
+    assert m["size"] == len(data)
+    assert [c["sha256"] for c in m["chunks"]] == [
+        hashlib.sha256(data[i:i + CHUNK]).hexdigest() for i in range(0, len(data), CHUNK)]
+    async with s.patch(location, headers=patch_headers(len(data)), data=b"more") as r:
+        assert r.status == 413
+
+
+async def test_metadata_content_type_is_used(gw: Any) -> None:
+    url, _app, s = gw
+    headers = {**TUS, "Upload-Length": "4", "Upload-Metadata": meta(key="noext", filetype="video/webm")}
+    async with s.post(url + "/uploads/", headers=headers) as r:
+        location = r.headers["Location"]
+    async with s.patch(location, headers=patch_headers(0), data=b"abcd") as r:
+        assert r.status == 204
+    async with s.get(url + "/objects/noext") as g:
+        assert g.headers["Content-Type"] == "video/webm"
+
+
+async def test_deferred_length_is_set_by_a_later_patch(gw: Any) -> None:
+    url, _app, s = gw
+    data = payload(2 * CHUNK + 77)
+    location = await create(s, url, None, key="deferred.bin")
+    async with s.head(location, headers=TUS) as h:
+        assert h.headers["Upload-Defer-Length"] == "1"
+        assert "Upload-Length" not in h.headers
+    async with s.patch(location, headers=patch_headers(0), data=data) as r:
+        assert r.status == 204
+    async with s.get(url + "/objects/deferred.bin") as g:
+        assert g.status == 404
+    async with s.patch(location, headers=patch_headers(len(data), **{"Upload-Length": str(len(data))}), data=b"") as r:
+        assert r.status == 204
+    async with s.get(url + "/objects/deferred.bin") as g:
+        assert await g.read() == data
+
+
+async def test_unknown_upload_is_404(gw: Any) -> None:
+    url, _app, s = gw
+    for path in ("/uploads/" + "0" * 32, "/uploads/not-an-id"):
+        async with s.head(url + path, headers=TUS) as r:
+            assert r.status == 404
+        async with s.patch(url + path, headers=patch_headers(0), data=b"x") as r:
+            assert r.status == 404
+            assert (await r.json())["error"] == "not_found"
+
+
+async def test_method_override_header_works_for_patch(gw: Any) -> None:
+    url, _app, s = gw
+    location = await create(s, url, 3, key="override.bin")
+    async with s.post(location, headers=patch_headers(0, **{"X-HTTP-Method-Override": "PATCH"}), data=b"abc") as r:
+        assert r.status == 204
+    async with s.get(url + "/objects/override.bin") as g:
+        assert await g.read() == b"abc"
+
+
+# ------------------------------------------------------------------------------ DELETE / expiry
+async def test_termination_removes_data_and_later_requests_get_410(gw: Any) -> None:
+    url, app, s = gw
+    location = await create(s, url, 4 * CHUNK, key="term.bin")
+    async with s.patch(location, headers=patch_headers(0), data=payload(2 * CHUNK + 5)) as r:
+        assert r.status == 204
+    assert any(k.startswith("c/") for k in await store_keys(app))
+    async with s.delete(location, headers=TUS) as r:
+        assert r.status == 204
+    keys_left = await store_keys(app)
+    assert [k for k in keys_left if k.startswith("c/") or "/t/" in k] == []
+    async with s.head(location, headers=TUS) as r:
+        assert r.status == 410
+    async with s.patch(location, headers=patch_headers(2 * CHUNK + 5), data=b"x") as r:
+        assert r.status == 410
+    async with s.get(url + "/objects/term.bin") as g:
+        assert g.status == 404
+
+
+async def test_expired_upload_is_410_and_the_sweep_removes_its_data() -> None:
+    cfg = ServeConfig(chunk_size=CHUNK, upload_expiry=1.0)
+    async with in_process_gateway(cfg) as (url, app):
+        async with aiohttp.ClientSession() as s:
+            a = await create(s, url, 4 * CHUNK, key="exp/a.bin")
+            b = await create(s, url, 4 * CHUNK, key="exp/b.bin")
+            for loc in (a, b):
+                async with s.patch(loc, headers=patch_headers(0), data=payload(CHUNK + 10)) as r:
+                    assert r.status == 204
+                    assert "GMT" in r.headers["Upload-Expires"]
+            await asyncio.sleep(1.3)
+            async with s.head(a, headers=TUS) as r:  # a request notices expiry itself
+                assert r.status == 410
+            assert await app["uploads"].sweep() == 1  # b, found by the sweep
+            async with s.head(b, headers=TUS) as r:
+                assert r.status == 410
+            assert [k for k in await store_keys(app) if k.startswith("c/") or "/t/" in k] == []
+            metrics = await (await s.get(url + "/metrics")).text()
+            assert "chunkgate_uploads_expired_total 2.0" in metrics
+            assert "chunkgate_uploads_created_total 2.0" in metrics
+
+
+# ------------------------------------------------------------------------------ locks
+async def test_new_request_makes_a_stalled_patch_let_go_and_keeps_its_bytes(gw: Any) -> None:
+    url, app, s = gw
+    data = payload(6 * CHUNK)
+    location = await create(s, url, len(data), key="stalled.bin")
+    gate = asyncio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield data[: 2 * CHUNK + 100]
+        await gate.wait()  # the connection goes quiet, as a dead one would
+        yield data[2 * CHUNK + 100:]
+
+    async def stalled_patch() -> int:
+        async with aiohttp.ClientSession() as other:
+            try:
+                async with other.patch(location, headers=patch_headers(0), data=slow_body()) as r:
+                    return r.status
+            except aiohttp.ClientError:
+                return -1
+
+    task = asyncio.ensure_future(stalled_patch())
+    for _ in range(200):
+        await asyncio.sleep(0.02)
+        if len([k for k in await store_keys(app) if k.startswith("c/")]) == 2:
+            break
+    await asyncio.sleep(0.1)
+    # The resuming client's HEAD must not wait for the body timeout (10 s) or the stale limit.
+    offset = await asyncio.wait_for(offset_of(s, location), timeout=4)
+    assert offset == 2 * CHUNK + 100
+    async with s.patch(location, headers=patch_headers(offset), data=data[offset:]) as r:
+        assert r.status == 204
+    gate.set()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    async with s.get(url + "/objects/stalled.bin") as g:
+        assert await g.read() == data
+    assert app["store"].locks.stats.release_requests >= 1
+
+
+async def test_a_holder_cleared_as_stale_cannot_write() -> None:
+    backend = MemoryBackend()
+    locks = LockManager(stale_after=0.2, timeout=5.0)
+    store = ObjectStore(backend, locks, StoreOptions(chunk_size=CHUNK))
+    sessions = UploadSessions(store, UploadOptions(chunk_size=CHUNK, lock_timeout=5.0))
+    status = await sessions.create("fenced.bin", length=3 * CHUNK, metadata="", content_type="application/octet-stream")
+    frozen = await locks.acquire(f"upload:{status.id}", owner="frozen")
+    await asyncio.sleep(0.3)  # it neither renews nor releases
+    async with sessions.lock(status.id, owner="next") as lease:  # clears the stale holder
+        assert lease.token > frozen.token
+
+    async def body() -> AsyncIterator[bytes]:
+        yield payload(2 * CHUNK)
+
+    with pytest.raises(LeaseLost):
+        await sessions.append(status.id, frozen, offset=0, body=body())
+    assert [i.key async for i in backend.list("c/")] == []
+    assert [i.key async for i in backend.list(f"u/{status.id}/t/")] == []
+    assert locks.stats.stale_cleared == 1
+    await store.close()
