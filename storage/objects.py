@@ -96,22 +96,33 @@ class ObjectStore:
         self.stats = IntegrityStats()
         self.cache: ChunkCache[StoredChunk] = ChunkCache(self.options.cache_bytes, lambda c: len(c.data) + 64)
         self._manifests: TTLCache = TTLCache(maxsize=4096, ttl=self.options.manifest_ttl)
+        self._manifest_writes = 0  # bumped by every commit/delete/repair of this process
         self._pending_gc: set[asyncio.Task[None]] = set()
         self._repairs: dict[str, asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------------ reads: manifests
-    async def head(self, key: str) -> Manifest:
-        """The committed manifest of ``key``; raises ``ObjectNotFound``."""
-        return (await self._current(key)).manifest
+    async def head(self, key: str, *, fresh: bool = False) -> Manifest:
+        """The committed manifest of ``key``; raises ``ObjectNotFound``. ``fresh``: bypass the
+        short-lived manifest cache (after a repair, or when staleness matters)."""
+        return (await self._current(key, fresh=fresh)).manifest
 
     async def _current(self, key: str, *, fresh: bool = False) -> Current:
         if not fresh:
             hit = self._manifests.get(key)
             if hit is not None:
                 return hit
+        writes = self._manifest_writes
         current = await self._read_current(key)
-        self._manifests[key] = current
+        # A commit, delete or repair that landed while this read was in flight may have made it
+        # stale: caching it would serve the old manifest for a whole TTL after the change (a
+        # repaired object kept failing reads that way). Use it once, don't cache it.
+        if writes == self._manifest_writes:
+            self._manifests[key] = current
         return current
+
+    def _forget_manifest(self, key: str) -> None:
+        self._manifest_writes += 1
+        self._manifests.pop(key, None)
 
     async def _read_current(self, key: str) -> Current:
         try:
@@ -234,7 +245,7 @@ class ObjectStore:
                 raise StoreUnavailable(f"the store failed committing the manifest: {exc}", retry_after=exc.retry_after) from exc
             except PermanentError as exc:
                 raise StoreFailed(f"the store refused the manifest: {exc}") from exc
-            self._manifests.pop(key, None)
+            self._forget_manifest(key)
             self.stats.objects_committed += 1
             if current is not None and current.manifest.version != manifest.version:
                 self._delete_version_later(current.manifest)
@@ -253,7 +264,7 @@ class ObjectStore:
                 await self.backend.delete(keys.manifest_key(key))
             except TransientError as exc:
                 raise StoreUnavailable(f"the store failed deleting: {exc}", retry_after=exc.retry_after) from exc
-            self._manifests.pop(key, None)
+            self._forget_manifest(key)
             self._delete_version_later(current.manifest)
 
     def _delete_version_later(self, manifest: Manifest) -> None:
@@ -418,7 +429,7 @@ class ObjectStore:
                 return changes
             lease.check()
             await self.backend.put(keys.manifest_key(key), manifest.to_json(), if_match=current.store_etag)
-            self._manifests.pop(key, None)
+            self._forget_manifest(key)
             self.stats.manifest_repairs += 1
             log.warning("manifest repaired: key=%r changes=%s", key, changes)
             return changes
