@@ -8,6 +8,7 @@ off, so both always send the same headers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from typing import Any, AsyncIterator
@@ -130,7 +131,13 @@ async def get_object(request: web.Request) -> web.StreamResponse:
         manifest = await store.head(key)
         return web.json_response(manifest.to_dict(), headers={"ETag": manifest.etag, "Cache-Control": "no-cache"})
     for attempt in range(2):
-        manifest = await store.head(key) if attempt == 0 else await _fresh(store, key)
+        if attempt == 0:
+            # A repair of this key in flight is about to change chunk sizes: wait for it rather
+            # than send headers from the manifest it replaces (the body would be cut short).
+            # If it fails, the read below meets the same fault and reports it.
+            with contextlib.suppress(Exception):
+                await store.wait_repair(key)
+        manifest = await store.head(key, fresh=attempt > 0)
         try:
             return await _serve(request, store, manifest)
         except ChunkSizeDrift:
@@ -138,11 +145,6 @@ async def get_object(request: web.Request) -> web.StreamResponse:
             # headers that match the bytes as stored.
             await store.wait_repair(key)
     raise HTTPError(503, "chunk_size_drift", "the object's manifest is being repaired; try again", headers={"Retry-After": "1"})
-
-
-async def _fresh(store: ObjectStore, key: str) -> Manifest:
-    store._manifests.pop(key, None)
-    return await store.head(key)
 
 
 async def _serve(request: web.Request, store: ObjectStore, m: Manifest) -> web.StreamResponse:
