@@ -19,11 +19,14 @@ from storage.backends.base import (
     InvalidKey,
     NotFound,
     ObjectInfo,
+    PermanentError,
     PreconditionFailed,
+    TransientError,
 )
 from storage.backends.fs import FsBackend
 from storage.backends.memory import MemoryBackend
 from storage.backends.s3 import S3Backend
+from tests.support.servers import S3Server, free_ports, use_dummy_credentials
 
 Factory = Callable[[pytest.FixtureRequest, Path], Awaitable[Backend]]
 
@@ -362,3 +365,112 @@ async def test_check_passes_and_close_is_idempotent(backend: Backend) -> None:
     await backend.check()  # type: ignore[attr-defined]
     await backend.close()
     await backend.close()
+
+
+# -- S3 only: how a store's failures map to the typed errors ------------------------------------
+# A scripted raw-HTTP server answers each key with a canned response, so every mapping is
+# exercised without waiting for a real server to misbehave. (Backend-specific; could move to
+# its own module.)
+
+_ERROR_XML = '<?xml version="1.0" encoding="UTF-8"?><Error><Code>{}</Code><Message>scripted</Message></Error>'
+SCRIPTED = {
+    # key: (status line, extra headers, body, bytes to really send (None: all))
+    "nokey": ("404 Not Found", {}, _ERROR_XML.format("NoSuchKey"), None),
+    "nobucket": ("404 Not Found", {}, _ERROR_XML.format("NoSuchBucket"), None),
+    "denied": ("403 Forbidden", {}, _ERROR_XML.format("AccessDenied"), None),
+    "badrequest": ("400 Bad Request", {}, _ERROR_XML.format("InvalidArgument"), None),
+    "precondition": ("412 Precondition Failed", {}, _ERROR_XML.format("PreconditionFailed"), None),
+    "conflict": ("409 Conflict", {}, _ERROR_XML.format("ConditionalRequestConflict"), None),
+    "slowdown": ("503 Slow Down", {"Retry-After": "7"}, _ERROR_XML.format("SlowDown"), None),
+    "internal": ("500 Internal Server Error", {}, _ERROR_XML.format("InternalError"), None),
+    "short": ("200 OK", {"ETag": '"x"'}, "y" * 100, 50),
+}
+
+
+@pytest.fixture
+async def scripted_s3() -> AsyncIterator[str]:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            length = 0
+            for line in head.split("\r\n")[1:]:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            key = head.split(" ")[1].split("?")[0].rsplit("/", 1)[-1]
+            status, headers, body, send = SCRIPTED[key]
+            raw = body.encode()
+            lines = [f"HTTP/1.1 {status}", f"Content-Length: {len(raw)}", "Connection: close"]
+            lines += [f"{name}: {value}" for name, value in headers.items()]
+            is_head = head.startswith("HEAD")
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if is_head else raw[:send]))
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+MAPPING_CASES = [
+    ("get", "nokey", NotFound),
+    ("head", "nokey", NotFound),
+    ("get", "nobucket", PermanentError),
+    ("get", "denied", PermanentError),
+    ("get", "badrequest", PermanentError),
+    ("put", "precondition", PreconditionFailed),
+    ("put", "conflict", PreconditionFailed),
+    ("put", "nokey", PreconditionFailed),  # S3's answer to If-Match on an absent key
+    ("get", "slowdown", TransientError),
+    ("get", "internal", TransientError),
+    ("get", "short", TransientError),  # a body shorter than announced is never success
+]
+
+
+@pytest.mark.parametrize(("op", "key", "error"), MAPPING_CASES)
+async def test_s3_failures_map_to_typed_errors(
+    scripted_s3: str, op: str, key: str, error: type[Exception]
+) -> None:
+    use_dummy_credentials()
+    store = S3Backend("bucket", endpoint_url=scripted_s3, max_attempts=1)
+    try:
+        call = {
+            "get": lambda: store.get(key),
+            "head": lambda: store.head(key),
+            "put": lambda: store.put(key, b"data", if_match='"etag"'),
+        }[op]
+        with pytest.raises(error) as caught:
+            await call()
+        assert type(caught.value) is error or error is PermanentError
+        if key == "slowdown":
+            assert caught.value.retry_after == 7  # type: ignore[attr-defined]
+    finally:
+        await store.close()
+
+
+async def test_s3_unreachable_endpoint_is_transient() -> None:
+    use_dummy_credentials()
+    (port,) = free_ports(1)
+    store = S3Backend("bucket", endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1)
+    try:
+        with pytest.raises(TransientError):
+            await store.get("k")
+        with pytest.raises(TransientError):
+            await store.check()
+    finally:
+        await store.close()
+
+
+async def test_s3_check_names_a_missing_bucket(moto_s3: S3Server) -> None:
+    store = S3Backend("no-such-bucket-here", endpoint_url=moto_s3.endpoint)
+    try:
+        with pytest.raises(PermanentError, match="no-such-bucket-here.*does not exist"):
+            await store.check()
+    finally:
+        await store.close()
