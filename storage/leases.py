@@ -41,14 +41,21 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, cast
 
 from storage import keys
-from storage.backends.base import Backend, NotFound, PermanentError, PreconditionFailed, TransientError
+from storage.backends.base import (
+    Backend,
+    NotFound,
+    PermanentError,
+    PreconditionFailed,
+    TransientError,
+)
 from storage.errors import StoreFailed, StoreUnavailable
-from storage.locks import Lease, LeaseLost, LockManager, LockTimeout, _hold
+from storage.locks import Lease, LeaseLost, Locker, LockManager, LockTimeout, _hold
 
 log = logging.getLogger("chunkgate.leases")
 
@@ -234,7 +241,7 @@ class StoreLockManager:
     def hold(
         self, key: str, *, owner: str, timeout: float | None = None, request_release: bool = False
     ) -> AbstractAsyncContextManager[Lease]:
-        return _hold(self, key, owner=owner, timeout=timeout, request_release=request_release)
+        return _hold(cast(Locker, self), key, owner=owner, timeout=timeout, request_release=request_release)
 
     async def clear_stale(self) -> int:
         return await self.local.clear_stale()
