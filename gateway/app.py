@@ -112,6 +112,10 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
         if check is not None:
             await check()
         app["background"] = [asyncio.ensure_future(_clear_stale_locks(store.locks, cfg.lock_stale_after))]
+        if cfg.gc_interval > 0:
+            from storage.gc import run_periodically
+
+            app["background"].append(asyncio.ensure_future(run_periodically(store, cfg.gc_interval, cfg.grace)))
 
     async def on_cleanup(app: web.Application) -> None:
         for task in app.get("background", []):
@@ -121,6 +125,9 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
         if uploads is not None and hasattr(uploads, "close"):
             await uploads.close()
         await store.close()
+        close_locks = getattr(store.locks, "close", None)
+        if close_locks is not None:  # store leases: stop renewals, release records still held
+            await close_locks()
         await store.backend.close()
 
     app.on_response_prepare.append(decorate_response)

@@ -35,10 +35,11 @@ class StackOptions:
 
 def build_backend(opts: StackOptions, observer: BackendObserver | None = None,
                   raw: Backend | None = None) -> Backend:
-    from storage.backends.open import open_backend
+    if raw is None:
+        from storage.backends.open import open_backend
 
-    backend: Backend = raw if raw is not None else open_backend(
-        opts.store, s3_endpoint_url=opts.s3_endpoint_url, s3_region=opts.s3_region)
+        raw = open_backend(opts.store, s3_endpoint_url=opts.s3_endpoint_url, s3_region=opts.s3_region)
+    backend: Backend = raw
     if opts.faults is not None:
         from storage.backends.faults import FaultyBackend
 
