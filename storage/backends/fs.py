@@ -17,6 +17,7 @@ import errno
 import fcntl
 import functools
 import heapq
+import itertools
 import os
 import secrets
 import time
@@ -417,7 +418,7 @@ class FsBackend:
     @staticmethod
     @_os_errors
     def _next_batch(it: Iterator[ObjectInfo]) -> list[ObjectInfo]:
-        return [info for _, info in zip(range(_LIST_BATCH), it)]
+        return list(itertools.islice(it, _LIST_BATCH))
 
     async def list(
         self, prefix: str = "", *, start_after: str | None = None

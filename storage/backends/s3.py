@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import functools
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor

