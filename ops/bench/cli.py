@@ -1,0 +1,252 @@
+"""``python -m ops.bench``: start SeaweedFS and chunkgate on loopback, run the chosen scenarios
+against their peers, write ``result.json`` and PNG charts, print a summary.
+
+Exit status: 0 when every scenario ran and every byte check passed, 1 otherwise. Missed
+performance goals do not change the exit status (they are findings, recorded in the result);
+this command must never be used as a timed pass/fail gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from gateway.config import parse_size
+from ops.bench import procs
+from ops.bench.measure import MiB
+from ops.bench.scenarios import BY_NUMBER, GiB, NEEDS_STORE, SCENARIOS, BenchConfig, Context
+
+RESULTS_DIR = procs.REPO_ROOT / "ops" / "bench" / "results"
+
+# (flag, BenchConfig field, parser, full-run default is the dataclass's, --quick value)
+_SIZED: list[tuple[str, str, Any, Any]] = [
+    ("--reps", "reps", int, 2),
+    ("--cold-size", "cold_size", parse_size, 16 * MiB),
+    ("--warm-size", "warm_size", parse_size, 16 * MiB),
+    ("--storm-size", "storm_size", parse_size, 8 * MiB),
+    ("--readers", "readers", int, 8),
+    ("--seek-size", "seek_size", parse_size, 16 * MiB),
+    ("--seeks", "seeks", int, 20),
+    ("--store-probes", "store_probes", int, 10),
+    ("--tus-size", "tus_size", parse_size, 24 * MiB),
+    ("--tus-chunk", "tus_chunk", parse_size, 8 * MiB),
+    ("--lock-ops", "lock_ops", int, 20_000),
+    ("--lock-waiters", "lock_waiters", int, 1000),
+    ("--chunk-size", "chunk_size", parse_size, None),
+    ("--write-concurrency", "write_concurrency", int, None),
+    ("--cache-size", "cache_size", parse_size, None),
+]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ops.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"comma-separated names or numbers 1-7: {', '.join(SCENARIOS)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 reps: a smoke run, not a measurement")
+    parser.add_argument("--big", action="store_true", help="also PUT/GET 1 GiB")
+    parser.add_argument("--put-size", type=parse_size, default=None, help="PUT scenario size (default 256MiB)")
+    for flag, dest, kind, quick in _SIZED:
+        parser.add_argument(flag, dest=dest, type=kind, default=None,
+                            help=f"default {getattr(BenchConfig(scenarios=[]), dest)}" + (f", --quick {quick}" if quick else ""))
+    parser.add_argument("--seed", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=None, help="result directory (default ops/bench/results/<time>)")
+    parser.add_argument("--no-charts", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="record the gateway with py-spy (collapsed stacks)")
+    parser.add_argument("--gateway-arg", action="append", default=[], help="extra argument for chunkgate serve")
+    parser.add_argument("--redraw", type=Path, default=None, help="only redraw the charts of a saved result.json")
+    return parser.parse_args(argv)
+
+
+def build_config(ns: argparse.Namespace) -> BenchConfig:
+    names: list[str] = []
+    for part in (p.strip() for p in ns.scenarios.split(",") if p.strip()):
+        name = BY_NUMBER.get(part, part)
+        if name not in SCENARIOS:
+            raise SystemExit(f"python -m ops.bench: unknown scenario {part!r} (choose from {', '.join(SCENARIOS)} or 1-7)")
+        names.append(name)
+    cfg = BenchConfig(scenarios=names, seed=ns.seed)
+    for _flag, dest, _kind, quick in _SIZED:
+        value = getattr(ns, dest)
+        if value is not None:
+            setattr(cfg, dest, value)
+        elif ns.quick and quick is not None:
+            setattr(cfg, dest, quick)
+    cfg.put_sizes = [ns.put_size or (16 * MiB if ns.quick else 256 * MiB)]
+    if ns.big:
+        cfg.put_sizes.append(GiB)
+    return cfg
+
+
+def _version(cmd: list[str]) -> str:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+        return (done.stdout + done.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "absent"
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    packages = {}
+    for name in ("aiohttp", "boto3", "tuspy", "matplotlib"):
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = "absent"
+    tus_versions = {}
+    lock = procs.TUS_PEER_DIR / "package-lock.json"
+    if lock.exists():
+        doc = json.loads(lock.read_text())
+        for pkg in ("@tus/server", "@tus/s3-store"):
+            tus_versions[pkg] = doc.get("packages", {}).get(f"node_modules/{pkg}", {}).get("version", "?")
+    import psutil
+
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / GiB, 1),
+        "kernel": platform.release(), "python": platform.python_version(), "packages": packages,
+        "weed": _version(["weed", "version"]), "nginx": _version(["nginx", "-v"]), "curl": _version(["curl", "--version"]),
+        "node": _version(["node", "--version"]), "tus_peer": tus_versions, "load_average_start": os.getloadavg(),
+    }
+
+
+def _profile_summary(raw: Path, top: int = 20) -> dict[str, Any]:
+    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    share = lambda c: round(100.0 * c / total, 1) if total else 0.0  # noqa: E731
+    return {"samples": total,
+            "self_percent": [[f, share(c)] for f, c in own.most_common(top)],
+            "inclusive_percent": [[f, share(c)] for f, c in inclusive.most_common(top)]}
+
+
+def _summary_lines(result: dict[str, Any]) -> list[str]:
+    lines = ["", "comparison                                   chunkgate        peer   ratio  goal     met"]
+    for c in result["comparisons"]:
+        met = "-" if "informational" in c["note"] else ("yes" if c["met"] else "NO")
+        goal = "" if met == "-" else c["goal_text"]
+        lines.append(f"{c['name'][:44]:44} {c['chunkgate']:>10.2f} {c['peer']:>10.2f} {c['ratio']:>6.2f}x {goal:8} {met}")
+    for t in result["targets"]:
+        lines.append(f"{t['name'][:44]:44} {t['value']:>10.4g} ({t['metric']}) goal {t['goal_text']} "
+                     f"{'yes' if t['met'] else 'NO'}")
+    lines.append(f"byte checks: {result['checks']}")
+    if result["errors"]:
+        lines.append(f"errors: {list(result['errors'])}")
+    return lines
+
+
+def run(cfg: BenchConfig, ns: argparse.Namespace, out: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(),
+                              "config": asdict(cfg), "scenarios": {}, "errors": {}}
+    log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    workdir = Path(tempfile.mkdtemp(prefix="chunkgate-bench-"))
+    shm = Path("/dev/shm")
+    datadir = Path(tempfile.mkdtemp(prefix="chunkgate-bench-data-", dir=shm if shm.is_dir() else None))
+    profiler: subprocess.Popen[bytes] | None = None
+    try:
+        with ExitStack() as stack:
+            ctx = Context(cfg=cfg, workdir=workdir, datadir=datadir, stack=stack)
+            if NEEDS_STORE & set(cfg.scenarios):
+                log("starting SeaweedFS")
+                ctx._store = procs.start_seaweedfs(workdir)
+                stack.callback(ctx._store.stop)
+                ctx.s3 = procs.s3_client(ctx.store.url)
+                for bucket in (ctx.raw_bucket, ctx.gw_bucket, ctx.tus_bucket):
+                    ctx.s3.create_bucket(Bucket=bucket)
+                args = ["--chunk-size", str(cfg.chunk_size), "--write-concurrency", str(cfg.write_concurrency),
+                        "--cache-size", str(cfg.cache_size), *ns.gateway_arg]
+                ctx._gateway = procs.start_gateway(workdir, endpoint=ctx.store.url, bucket=ctx.gw_bucket, args=args)
+                stack.callback(ctx._gateway.stop)
+                log(f"SeaweedFS {ctx.store.url}, chunkgate {ctx.gateway.url} (pid {ctx.gateway.pid})")
+                if ns.profile:
+                    profiler = subprocess.Popen(["py-spy", "record", "--pid", str(ctx.gateway.pid), "--rate", "200",
+                                                 "--format", "raw", "-o", str(out / "profile.txt")],
+                                                stdout=subprocess.DEVNULL, stderr=open(workdir / "py-spy.log", "wb"))
+            for name in cfg.scenarios:
+                log(f"scenario {name}")
+                started = time.perf_counter()
+                try:
+                    result["scenarios"][name] = SCENARIOS[name](ctx)
+                except Exception as exc:  # noqa: BLE001 - one failed scenario must not void the others
+                    result["errors"][name] = "".join(traceback.format_exception(exc))
+                    log(f"scenario {name} FAILED: {exc!r}")
+                log(f"scenario {name} took {time.perf_counter() - started:.1f}s")
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(60)
+                if (out / "profile.txt").exists():
+                    result["profile"] = _profile_summary(out / "profile.txt")
+            result["comparisons"] = [c.to_json() for c in ctx.comparisons]
+            result["targets"] = [t.to_json() for t in ctx.targets]
+            result["checks"] = ctx.checks
+            if ctx._gateway is not None and any("Traceback" in line for line in ctx.gateway.log_tail(2000).splitlines()):
+                result["gateway_log_has_tracebacks"] = True
+    finally:
+        if profiler is not None and profiler.poll() is None:
+            profiler.kill()
+        shutil.rmtree(datadir, ignore_errors=True)
+        logs = out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for path in workdir.glob("*.log"):
+            shutil.copy(path, logs / path.name)
+        shutil.rmtree(workdir, ignore_errors=True)
+    result["machine"]["load_average_end"] = os.getloadavg()
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = parse_args(argv)
+    if ns.redraw is not None:
+        from ops.bench.charts import draw_all
+
+        result = json.loads(ns.redraw.read_text())
+        for path in draw_all(result, ns.out or ns.redraw.parent):
+            print(path)
+        return 0
+    cfg = build_config(ns)
+    out: Path = ns.out or RESULTS_DIR / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    result = run(cfg, ns, out)
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    if not ns.no_charts:
+        from ops.bench.charts import draw_all
+
+        result["charts"] = [str(p) for p in draw_all(result, out)]
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+    print("\n".join(_summary_lines(result)), file=sys.stderr)
+    print(out / "result.json")
+    ok = not result["errors"] and all(result["checks"].values())
+    return 0 if ok else 1

@@ -1,0 +1,537 @@
+"""The seven benchmark scenarios of issue 8. Each one prepares its objects (untimed), runs
+chunkgate and its peer alternately ``reps`` times, checks every transfer for size (and, where the
+brief asks, SHA-256), and returns a JSON-ready dict; goals become ``Comparison``/``Target`` records.
+
+A scenario must never compare figures from different runs, never count a transfer that failed
+its byte check, and never read a chunkgate object it expects to be cold twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import mmap
+import os
+import random
+import re
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import urllib3
+
+from ops.bench import procs
+from ops.bench.measure import (
+    BenchFailure,
+    Comparison,
+    MiB,
+    RssSampler,
+    Series,
+    alternate,
+    boto3_download,
+    boto3_upload,
+    curl_get,
+    curl_put,
+    curl_storm,
+    metric_value,
+    mib_per_s,
+    percentile,
+    sha256_file,
+    sha256_url,
+)
+
+KiB = 1024
+GiB = 1024 * MiB
+BYTES_READ = "chunkgate_backend_bytes_read_total"
+CACHE_HITS = "chunkgate_cache_hits_total"
+CACHE_MISSES = "chunkgate_cache_misses_total"
+
+
+@dataclass
+class BenchConfig:
+    """Sizes and repetitions; ``quick()`` shrinks everything for a smoke run."""
+
+    scenarios: list[str]
+    reps: int = 3
+    cold_size: int = 256 * MiB
+    warm_size: int = 128 * MiB
+    storm_size: int = 64 * MiB
+    readers: int = 32
+    seek_size: int = 256 * MiB
+    seeks: int = 200
+    seek_bytes: int = 64 * KiB
+    store_probes: int = 100
+    put_sizes: list[int] = field(default_factory=lambda: [256 * MiB])
+    tus_size: int = 512 * MiB
+    tus_chunk: int = 32 * MiB
+    lock_ops: int = 200_000
+    lock_waiters: int = 1000
+    chunk_size: int = 8 * MiB
+    write_concurrency: int = 4
+    cache_size: int = 256 * MiB
+    seed: int = 8
+
+
+@dataclass
+class Target:
+    """An absolute goal (no peer): a limit the value must stay within."""
+
+    name: str
+    metric: str
+    value: float
+    limit: float
+    higher_is_better: bool
+    note: str = ""
+
+    @property
+    def met(self) -> bool:
+        return self.value >= self.limit if self.higher_is_better else self.value <= self.limit
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc.update(value=round(self.value, 4), met=self.met,
+                   goal_text=f"{'>=' if self.higher_is_better else '<='} {self.limit:g}")
+        return doc
+
+
+@dataclass
+class Context:
+    """Everything a scenario needs: config, work dir, the store, the gateway, and the verdicts."""
+
+    cfg: BenchConfig
+    workdir: Path
+    datadir: Path
+    stack: ExitStack
+    s3: Any = None
+    raw_bucket: str = "bench-raw"
+    gw_bucket: str = "bench-chunkgate"
+    tus_bucket: str = "bench-tus"
+    _store: procs.Proc | None = None
+    _gateway: procs.Proc | None = None
+    pool: urllib3.PoolManager = field(default_factory=lambda: urllib3.PoolManager(maxsize=8, timeout=120.0, retries=False))
+    comparisons: list[Comparison] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    checks: dict[str, bool] = field(default_factory=dict)
+    _files: dict[int, Path] = field(default_factory=dict)
+
+    @property
+    def store(self) -> procs.Proc:
+        if self._store is None:
+            raise BenchFailure("this scenario needs the store, which was not started")
+        return self._store
+
+    @property
+    def gateway(self) -> procs.Proc:
+        if self._gateway is None:
+            raise BenchFailure("this scenario needs the gateway, which was not started")
+        return self._gateway
+
+    # -- test data ---------------------------------------------------------------------------
+    def data_file(self, size: int) -> Path:
+        """A file of ``size`` random bytes (tmpfs), made once per size and shared by both sides."""
+        if size not in self._files:
+            path = self.datadir / f"data-{size}"
+            rng = random.Random(self.cfg.seed + size)
+            with open(path, "wb") as out:
+                left = size
+                while left:
+                    step = min(left, 16 * MiB)
+                    out.write(rng.randbytes(step))
+                    left -= step
+            self._files[size] = path
+        return self._files[size]
+
+    def sha(self, size: int) -> str:
+        attr = f"_sha_{size}"
+        if not hasattr(self, attr):
+            setattr(self, attr, sha256_file(self.data_file(size)))
+        return str(getattr(self, attr))
+
+    # -- chunkgate ---------------------------------------------------------------------------
+    def gw_url(self, key: str) -> str:
+        return f"{self.gateway.url}/objects/{key}"
+
+    def gw_put(self, key: str, size: int) -> dict[str, Any]:
+        seconds, body = curl_put(self.gw_url(key), self.data_file(size))
+        doc = json.loads(body)
+        if doc.get("size") != size:
+            raise BenchFailure(f"PUT {key}: the gateway committed {doc.get('size')} bytes, not {size}")
+        doc["_seconds"] = seconds
+        return doc
+
+    def metric(self, name: str) -> float:
+        return metric_value(self.pool, self.gateway.url, name)
+
+    # -- the raw store -----------------------------------------------------------------------
+    def raw_url(self, key: str) -> str:
+        return f"{self.store.url}/{self.raw_bucket}/{key}"
+
+    def raw_put(self, key: str, size: int) -> None:
+        boto3_upload(self.s3, self.raw_bucket, key, self.data_file(size))
+
+    def check(self, name: str, ok: bool) -> None:
+        """Record a byte check; one failure anywhere makes the named check false for the run."""
+        self.checks[name] = self.checks.get(name, True) and bool(ok)
+
+
+def _key(prefix: str) -> str:
+    return f"bench/{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def _compare(ctx: Context, name: str, metric: str, ours: Series, peer: Series, peer_name: str, goal: float | None,
+             *, higher_is_better: bool = True, note: str = "") -> None:
+    comparison = Comparison(name, metric, ours.median, peer.median, peer_name, goal if goal is not None else 0.0,
+                            higher_is_better, note)
+    if goal is None:
+        comparison.note = (note + " " if note else "") + "(informational, no goal)"
+    ctx.comparisons.append(comparison)
+
+
+# ------------------------------------------------------------------------------ 1. cold GET
+def cold_get(ctx: Context) -> dict[str, Any]:
+    cfg, size = ctx.cfg, ctx.cfg.cold_size
+    raw_key = _key("cold-raw")
+    ctx.raw_put(raw_key, size)
+    gw_keys = [_key(f"cold-{rep}") for rep in range(cfg.reps)]
+    for key in gw_keys:
+        ctx.gw_put(key, size)
+    ours, boto, curl_direct = Series("MiB/s"), Series("MiB/s"), Series("MiB/s")
+    read_ratio: list[float] = []
+
+    def peer(rep: int) -> None:
+        seconds, got = boto3_download(ctx.s3, ctx.raw_bucket, raw_key)
+        ctx.check("cold_get_sizes", got == size)
+        boto.values.append(mib_per_s(size, seconds))
+        curl_direct.values.append(mib_per_s(size, curl_get(ctx.raw_url(raw_key), expect_bytes=size)))
+
+    def mine(rep: int) -> None:
+        before = ctx.metric(BYTES_READ)
+        ours.values.append(mib_per_s(size, curl_get(ctx.gw_url(gw_keys[rep]), expect_bytes=size)))
+        read_ratio.append((ctx.metric(BYTES_READ) - before) / size)
+
+    alternate(cfg.reps, peer, mine)
+    _compare(ctx, "cold GET vs boto3", "MiB/s", ours, boto, "boto3 download_fileobj", 1.0)
+    _compare(ctx, "cold GET vs curl from store", "MiB/s", ours, curl_direct, "curl straight from SeaweedFS", None)
+    return {"size": size, "chunkgate_curl": ours.to_json(), "boto3_download_fileobj": boto.to_json(),
+            "curl_from_store": curl_direct.to_json(), "store_bytes_per_object_byte": [round(r, 4) for r in read_ratio]}
+
+
+# ------------------------------------------------------------------------------ 2. warm GET
+def warm_get(ctx: Context) -> dict[str, Any]:
+    cfg, size = ctx.cfg, ctx.cfg.warm_size
+    if size > cfg.cache_size // 2:
+        raise BenchFailure(f"--warm-size {size} does not fit comfortably in the {cfg.cache_size}-byte cache")
+    key = _key("warm")
+    ctx.gw_put(key, size)
+    curl_get(ctx.gw_url(key), expect_bytes=size)  # fills the cache
+    digest, got = sha256_url(ctx.pool, ctx.gw_url(key))
+    ctx.check("warm_get_sha256", digest == ctx.sha(size) and got == size)
+    mem = procs.start_memserver(ctx.workdir, data_file=ctx.data_file(size))
+    ours, bare = Series("MiB/s"), Series("MiB/s")
+    misses_before = ctx.metric(CACHE_MISSES)
+    try:
+        alternate(cfg.reps,
+                  lambda rep: bare.values.append(mib_per_s(size, curl_get(mem.url + "/x", expect_bytes=size))),
+                  lambda rep: ours.values.append(mib_per_s(size, curl_get(ctx.gw_url(key), expect_bytes=size))))
+    finally:
+        mem.stop()
+    misses = ctx.metric(CACHE_MISSES) - misses_before
+    ctx.check("warm_get_all_cache_hits", misses == 0)
+    _compare(ctx, "warm GET vs bare aiohttp", "MiB/s", ours, bare, "bare aiohttp handler from memory", 0.6)
+    return {"size": size, "chunkgate_cache_hit": ours.to_json(), "bare_aiohttp": bare.to_json(),
+            "cache_misses_during_timed_runs": misses}
+
+
+# ------------------------------------------------------------------------------ 3. viewer storm
+_UPSTREAM = re.compile(r"ub=([^;]*);")
+
+
+def _nginx_upstream_bytes(log: Path, offset: int) -> tuple[int, int]:
+    """Sum of $upstream_bytes_received logged after ``offset``; returns (bytes, new offset)."""
+    with open(log, "rb") as handle:
+        handle.seek(offset)
+        text = handle.read().decode(errors="replace")
+        end = handle.tell()
+    total = 0
+    for match in _UPSTREAM.finditer(text):
+        total += sum(int(n) for n in re.findall(r"\d+", match.group(1)))
+    return total, end
+
+
+def viewer_storm(ctx: Context) -> dict[str, Any]:
+    cfg, size, readers = ctx.cfg, ctx.cfg.storm_size, ctx.cfg.readers
+    raw_keys = [_key(f"storm-raw-{rep}") for rep in range(cfg.reps)]
+    gw_keys = [_key(f"storm-{rep}") for rep in range(cfg.reps)]
+    for raw_key, gw_key in zip(raw_keys, gw_keys):
+        ctx.raw_put(raw_key, size)
+        ctx.gw_put(gw_key, size)
+    nginx = procs.start_nginx(ctx.workdir, store_url=ctx.store.url)
+    log: Path = nginx.extra["access_log"]
+    ours_cold, ours_warm, ngx_cold, ngx_warm, direct = (Series("MiB/s") for _ in range(5))
+    ours_bytes, ngx_bytes = Series("store bytes / object byte"), Series("store bytes / object byte")
+    total = size * readers
+
+    def peer(rep: int) -> None:
+        url = f"{nginx.url}/{ctx.raw_bucket}/{raw_keys[rep]}"
+        offset = log.stat().st_size if log.exists() else 0
+        ngx_cold.values.append(mib_per_s(total, curl_storm(url, readers, size)))
+        fetched, offset = _nginx_upstream_bytes(log, offset)
+        ngx_bytes.values.append(fetched / size)
+        ngx_warm.values.append(mib_per_s(total, curl_storm(url, readers, size)))
+        direct.values.append(mib_per_s(total, curl_storm(ctx.raw_url(raw_keys[rep]), readers, size)))
+
+    def mine(rep: int) -> None:
+        before = ctx.metric(BYTES_READ)
+        ours_cold.values.append(mib_per_s(total, curl_storm(ctx.gw_url(gw_keys[rep]), readers, size)))
+        ours_bytes.values.append((ctx.metric(BYTES_READ) - before) / size)
+        ours_warm.values.append(mib_per_s(total, curl_storm(ctx.gw_url(gw_keys[rep]), readers, size)))
+
+    try:
+        alternate(cfg.reps, peer, mine)
+    finally:
+        nginx.stop()
+    # The chunk data itself plus one manifest read per object: anything above ~1.0 is a
+    # chunk fetched twice.
+    worst = max(ours_bytes.values)
+    ctx.targets.append(Target("viewer storm store reads", "store bytes / object byte (worst run)", worst, 1.005, False,
+                              f"nginx: {max(ngx_bytes.values):.4f} (includes response headers); direct: {readers}.0"))
+    _compare(ctx, "storm cold vs nginx cold", "aggregate MiB/s", ours_cold, ngx_cold, "nginx slice+cache, cold", 1.0)
+    _compare(ctx, "storm warm vs nginx warm", "aggregate MiB/s", ours_warm, ngx_warm, "nginx slice+cache, warm", 0.7)
+    _compare(ctx, "storm cold vs direct", "aggregate MiB/s", ours_cold, direct, "32 readers straight from SeaweedFS",
+             None, note=f"direct reads the store {readers}x per object byte")
+    return {"size": size, "readers": readers,
+            "chunkgate_cold": ours_cold.to_json(), "chunkgate_warm": ours_warm.to_json(),
+            "nginx_cold": ngx_cold.to_json(), "nginx_warm": ngx_warm.to_json(), "direct": direct.to_json(),
+            "chunkgate_store_bytes_per_object_byte": ours_bytes.to_json(),
+            "nginx_store_bytes_per_object_byte": ngx_bytes.to_json(),
+            "direct_store_bytes_per_object_byte": float(readers)}
+
+
+# ------------------------------------------------------------------------------ 4. seek probe
+def _timed_range(pool: urllib3.PoolManager, url: str, start: int, length: int) -> tuple[float, bytes, int]:
+    t0 = time.perf_counter()
+    response = pool.request("GET", url, headers={"Range": f"bytes={start}-{start + length - 1}"})
+    return (time.perf_counter() - t0) * 1000.0, response.data, response.status
+
+
+def _latency(values: list[float]) -> dict[str, Any]:
+    return {"unit": "ms", "n": len(values), "p50": round(percentile(values, 50), 3),
+            "p99": round(percentile(values, 99), 3), "mean": round(sum(values) / len(values), 3)}
+
+
+def seek_probe(ctx: Context) -> dict[str, Any]:
+    cfg, size, span = ctx.cfg, ctx.cfg.seek_size, ctx.cfg.seek_bytes
+    raw_key, gw_key = _key("seek-raw"), _key("seek")
+    ctx.raw_put(raw_key, size)
+    ctx.gw_put(gw_key, size)
+    rng = random.Random(cfg.seed)
+    offsets = [rng.randrange(0, size - span) for _ in range(cfg.seeks)]
+    ours_ms: list[float] = []
+    direct_ms: list[float] = []
+    hits0, misses0, read0 = ctx.metric(CACHE_HITS), ctx.metric(CACHE_MISSES), ctx.metric(BYTES_READ)
+    with open(ctx.data_file(size), "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for n, offset in enumerate(offsets):
+            expected = data[offset : offset + span]
+            targets = [(ours_ms, ctx.gw_url(gw_key)), (direct_ms, ctx.raw_url(raw_key))]
+            for sink, url in targets if n % 2 == 0 else targets[::-1]:
+                ms, body, status = _timed_range(ctx.pool, url, offset, span)
+                ctx.check("seek_bytes_exact", status == 206 and body == expected)
+                sink.append(ms)
+    hits, misses = ctx.metric(CACHE_HITS) - hits0, ctx.metric(CACHE_MISSES) - misses0
+    read = ctx.metric(BYTES_READ) - read0
+    for q in (50, 99):
+        ctx.comparisons.append(Comparison(f"seek p{q} vs direct ranged GET", f"p{q} ms", percentile(ours_ms, q),
+                                          percentile(direct_ms, q), "ranged GET straight from SeaweedFS (urllib3)",
+                                          1.5, higher_is_better=False))
+    return {"object_size": size, "range_bytes": span, "probes": cfg.seeks, "chunkgate": _latency(ours_ms),
+            "direct": _latency(direct_ms), "chunkgate_cache_hits": hits, "chunkgate_cache_misses": misses,
+            "chunkgate_store_bytes_read": read, "store_cost": store_cost(ctx),
+            "samples_ms": {"chunkgate": [round(v, 3) for v in ours_ms], "direct": [round(v, 3) for v in direct_ms]}}
+
+
+def store_cost(ctx: Context) -> dict[str, Any]:
+    """SeaweedFS's own cost of a ranged 64 KiB get vs a whole-chunk get, through boto3 (the
+    gateway's client) and raw HTTP: the measurement behind ``StoreOptions.small_read_bytes``."""
+    cfg, chunk, span = ctx.cfg, ctx.cfg.chunk_size, ctx.cfg.seek_bytes
+    keys = [_key(f"chunk-{n}") for n in range(8)]
+    for key in keys:
+        ctx.raw_put(key, chunk)
+    rng = random.Random(cfg.seed + 1)
+    timings: dict[str, list[float]] = {"boto3_ranged": [], "boto3_whole": [], "http_ranged": [], "http_whole": []}
+    for n in range(cfg.store_probes):
+        key = keys[n % len(keys)]
+        start = rng.randrange(0, chunk - span)
+        runs: list[tuple[str, Callable[[], int]]] = [
+            ("boto3_ranged", lambda: len(ctx.s3.get_object(Bucket=ctx.raw_bucket, Key=key,
+                                                           Range=f"bytes={start}-{start + span - 1}")["Body"].read())),
+            ("boto3_whole", lambda: len(ctx.s3.get_object(Bucket=ctx.raw_bucket, Key=key)["Body"].read())),
+            ("http_ranged", lambda: len(_timed_range(ctx.pool, ctx.raw_url(key), start, span)[1])),
+            ("http_whole", lambda: len(ctx.pool.request("GET", ctx.raw_url(key)).data)),
+        ]
+        for name, run in runs if n % 2 == 0 else runs[::-1]:
+            t0 = time.perf_counter()
+            got = run()
+            timings[name].append((time.perf_counter() - t0) * 1000.0)
+            ctx.check("store_cost_sizes", got == (span if name.endswith("ranged") else chunk))
+    doc: dict[str, Any] = {"chunk_bytes": chunk, "range_bytes": span, "probes": cfg.store_probes}
+    for name, values in timings.items():
+        doc[name] = _latency(values)
+    for client in ("boto3", "http"):
+        doc[f"{client}_whole_over_ranged_p50"] = round(
+            percentile(timings[f"{client}_whole"], 50) / percentile(timings[f"{client}_ranged"], 50), 2)
+    return doc
+
+
+# ------------------------------------------------------------------------------ 5. PUT
+def put_object(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    limit = (cfg.write_concurrency + 2) * cfg.chunk_size + 64 * MiB
+    out: dict[str, Any] = {"rss_limit_bytes": limit, "sizes": {}}
+    for size in cfg.put_sizes:
+        label = f"{size // MiB}MiB"
+        ours_put, boto_put, ours_get, boto_get = (Series("MiB/s") for _ in range(4))
+        growth: list[int] = []
+        rss_series: list[list[tuple[float, int]]] = []
+        expected = ctx.sha(size)
+        scratch = ctx.datadir / "get-target"
+
+        def peer(rep: int) -> None:
+            key = _key(f"put-raw-{label}-{rep}")
+            boto_put.values.append(mib_per_s(size, boto3_upload(ctx.s3, ctx.raw_bucket, key, ctx.data_file(size))))
+            with open(scratch, "wb") as sink:
+                seconds, _ = boto3_download(ctx.s3, ctx.raw_bucket, key, sink=sink)
+            ctx.check("put_get_sha256", sha256_file(scratch) == expected)
+            scratch.unlink()
+            boto_get.values.append(mib_per_s(size, seconds))
+            ctx.s3.delete_object(Bucket=ctx.raw_bucket, Key=key)
+
+        def mine(rep: int) -> None:
+            key = _key(f"put-{label}-{rep}")
+            with RssSampler(ctx.gateway.pid) as rss:
+                doc = ctx.gw_put(key, size)
+            growth.append(rss.growth)
+            rss_series.append([(round(t, 3), v - rss.baseline) for t, v in rss.series])
+            ours_put.values.append(mib_per_s(size, doc["_seconds"]))
+            ours_get.values.append(mib_per_s(size, curl_get(ctx.gw_url(key), output=str(scratch), expect_bytes=size)))
+            ctx.check("put_get_sha256", sha256_file(scratch) == expected)
+            scratch.unlink()
+            ctx.pool.request("DELETE", ctx.gw_url(key))
+
+        alternate(cfg.reps, peer, mine)
+        _compare(ctx, f"PUT {label} vs boto3", "MiB/s", ours_put, boto_put, "boto3 upload_fileobj", 1.0)
+        _compare(ctx, f"GET {label} after PUT vs boto3", "MiB/s", ours_get, boto_get, "boto3 download_fileobj", 1.0)
+        ctx.targets.append(Target(f"PUT {label} peak RSS growth", "bytes (worst run)", float(max(growth)), float(limit),
+                                  False, f"(N+2) x chunk + 64 MiB with N={cfg.write_concurrency}"))
+        out["sizes"][label] = {"size": size, "chunkgate_put": ours_put.to_json(), "boto3_upload_fileobj": boto_put.to_json(),
+                               "chunkgate_get": ours_get.to_json(), "boto3_download_fileobj": boto_get.to_json(),
+                               "rss_growth_bytes": growth, "rss_series": rss_series}
+    return out
+
+
+# ------------------------------------------------------------------------------ 6. tus
+def _tus_upload(url: str, path: Path, chunk: int, metadata: dict[str, str]) -> tuple[float, str]:
+    from tusclient import client as tus_client
+
+    with open(path, "rb") as stream:
+        uploader = tus_client.TusClient(url).uploader(file_stream=stream, chunk_size=chunk, metadata=metadata)
+        start = time.perf_counter()
+        uploader.upload()
+        seconds = time.perf_counter() - start
+    return seconds, str(uploader.url)
+
+
+def tus_upload(ctx: Context) -> dict[str, Any]:
+    cfg, size = ctx.cfg, ctx.cfg.tus_size
+    path, expected = ctx.data_file(size), ctx.sha(size)
+    peer_proc = procs.start_tus_peer(ctx.workdir, endpoint=ctx.store.url, bucket=ctx.tus_bucket, part_size=cfg.chunk_size)
+    ours, tusd_js, boto = Series("MiB/s"), Series("MiB/s"), Series("MiB/s")
+
+    def peer(rep: int) -> None:
+        seconds, upload_url = _tus_upload(peer_proc.url, path, cfg.tus_chunk, {"filename": f"bench-{rep}.bin"})
+        tusd_js.values.append(mib_per_s(size, seconds))
+        # @tus/s3-store keeps the object under the upload id: check it byte for byte.
+        key = upload_url.rstrip("/").rsplit("/", 1)[1]
+        digest, got = sha256_url(ctx.pool, f"{ctx.store.url}/{ctx.tus_bucket}/{key}")
+        ctx.check("tus_peer_sha256", digest == expected and got == size)
+        raw_key = _key(f"tus-raw-{rep}")
+        boto.values.append(mib_per_s(size, boto3_upload(ctx.s3, ctx.raw_bucket, raw_key, path)))
+        ctx.s3.delete_object(Bucket=ctx.raw_bucket, Key=raw_key)
+
+    def mine(rep: int) -> None:
+        key = _key(f"tus-{rep}")
+        seconds, _ = _tus_upload(ctx.gateway.url + "/uploads/", path, cfg.tus_chunk,
+                                 {"key": key, "content-type": "application/octet-stream"})
+        ours.values.append(mib_per_s(size, seconds))
+        digest, got = sha256_url(ctx.pool, ctx.gw_url(key))
+        ctx.check("tus_sha256", digest == expected and got == size)
+        ctx.pool.request("DELETE", ctx.gw_url(key))
+
+    try:
+        alternate(cfg.reps, peer, mine)
+    finally:
+        peer_proc.stop()
+    _compare(ctx, "tus vs @tus/server", "MiB/s", ours, tusd_js, "@tus/server + @tus/s3-store (tuspy client)", 2.5)
+    _compare(ctx, "tus vs boto3", "MiB/s", ours, boto, "boto3 upload_fileobj", 0.8)
+    return {"size": size, "tus_chunk": cfg.tus_chunk, "chunkgate_tus": ours.to_json(), "tus_node": tusd_js.to_json(),
+            "boto3_upload_fileobj": boto.to_json()}
+
+
+# ------------------------------------------------------------------------------ 7. locks
+async def _lock_bench(ops: int, waiters: int) -> dict[str, Any]:
+    from storage.locks import LockManager
+
+    manager = LockManager(timeout=60.0)
+    start = time.perf_counter()
+    for _ in range(ops):
+        lease = await manager.acquire("bench/key", owner="bench")
+        await lease.release()
+    uncontended = ops / (time.perf_counter() - start)
+
+    holder = await manager.acquire("bench/storm", owner="holder")
+    queued: list[int] = []
+    granted: list[int] = []
+    waits: list[float] = []
+
+    async def waiter(n: int) -> None:
+        queued.append(n)  # acquire enqueues before its first await: this is the queue order
+        t0 = time.perf_counter()
+        lease = await manager.acquire("bench/storm", owner=f"w{n}")
+        waits.append((time.perf_counter() - t0) * 1000.0)
+        granted.append(n)
+        await asyncio.sleep(0)  # hold it across a loop turn, as a real critical section would
+        await lease.release()
+
+    tasks = [asyncio.create_task(waiter(n)) for n in range(waiters)]
+    while manager.waiting() < waiters:
+        await asyncio.sleep(0)
+    start = time.perf_counter()
+    await holder.release()
+    await asyncio.gather(*tasks)
+    drain = time.perf_counter() - start
+    return {"uncontended_ops": ops, "uncontended_per_s": round(uncontended), "waiters": waiters,
+            "fifo": granted == queued, "all_granted": len(granted) == waiters,
+            "wait_ms": _latency(waits), "handoffs_per_s": round(waiters / drain), "left_entries": len(manager)}
+
+
+def lock_manager(ctx: Context) -> dict[str, Any]:
+    doc = asyncio.run(_lock_bench(ctx.cfg.lock_ops, ctx.cfg.lock_waiters))
+    ctx.check("locks_fifo", doc["fifo"] and doc["all_granted"] and doc["left_entries"] == 0)
+    ctx.targets.append(Target("lock acquire/release uncontended", "per second", doc["uncontended_per_s"], 200_000, True))
+    return doc
+
+
+SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "cold": cold_get,
+    "warm": warm_get,
+    "storm": viewer_storm,
+    "seek": seek_probe,
+    "put": put_object,
+    "tus": tus_upload,
+    "locks": lock_manager,
+}
+# Issue 8 numbers its scenarios; accept the numbers too.
+BY_NUMBER = {str(n): name for n, name in enumerate(SCENARIOS, start=1)}
+NEEDS_STORE = {"cold", "warm", "storm", "seek", "put", "tus"}
