@@ -24,9 +24,10 @@ from typing import Any, AsyncIterable, AsyncIterator, Callable
 from cachetools import TTLCache
 
 from storage import keys
-from storage.backends.base import Backend, NotFound, PermanentError, PreconditionFailed, TransientError
+from storage.backends.base import Backend, InvalidKey, NotFound, PermanentError, PreconditionFailed, TransientError
 from storage.cache import ChunkCache
 from storage.errors import (
+    BadRequest,
     BodyTooLarge,
     ChecksumMismatch,
     ChunkRejected,
@@ -131,6 +132,8 @@ class ObjectStore:
             raise ObjectNotFound(f"no object at key {key!r}") from None
         except TransientError as exc:
             raise StoreUnavailable(f"the store failed reading the manifest: {exc}", retry_after=exc.retry_after) from exc
+        except InvalidKey as exc:
+            raise _key_too_long(key, exc) from None
         except PermanentError as exc:
             raise StoreFailed(f"the store refused reading the manifest: {exc}") from exc
         try:
@@ -243,6 +246,8 @@ class ObjectStore:
                 continue
             except TransientError as exc:
                 raise StoreUnavailable(f"the store failed committing the manifest: {exc}", retry_after=exc.retry_after) from exc
+            except InvalidKey as exc:
+                raise _key_too_long(key, exc) from None
             except PermanentError as exc:
                 raise StoreFailed(f"the store refused the manifest: {exc}") from exc
             self._forget_manifest(key)
@@ -557,6 +562,13 @@ async def _rechunk(body: AsyncIterable[bytes], chunk_size: int, limit: int | Non
                 pieces, filled = [], 0
     if filled:
         yield b"".join(pieces)
+
+
+def _key_too_long(key: str, exc: InvalidKey) -> BadRequest:
+    """API.md allows 1024-byte keys; a store adds its own prefix (and the manifest record its
+    'm/'), so the longest keys can exceed what the store holds. That is the client's key, not a
+    store failure: a 400 that says so."""
+    return BadRequest(f"the key cannot be stored in this store ({exc}); use a shorter key")
 
 
 def _sha256_hex(data: bytes) -> str:
