@@ -239,8 +239,6 @@ async def test_same_size_other_bytes_in_a_later_chunk_is_never_sent(tmp_path: Pa
         assert len(got.body) <= CHUNK
 
 
-@pytest.mark.xfail(strict=True, reason="small cold ranges (<= 256 KiB inside one chunk) are fetched as a byte range and "
-                                       "not hashed (storage/objects.py _read_small): reported to the lead")
 async def test_a_small_range_of_a_same_size_corrupt_chunk_is_rejected(tmp_path: Path) -> None:
     async with rig(tmp_path, verify_reads="sha256") as r:
         await r.tamper(1, flip_a_byte)
