@@ -15,6 +15,7 @@ import pytest
 from gateway.config import ServeConfig
 from gateway.errors import HTTPError
 from gateway.tus import parse_checksum, parse_metadata, parse_uint
+from storage import keys as keys_mod
 from storage.backends.memory import MemoryBackend
 from storage.locks import LeaseLost, LockManager
 from storage.objects import ObjectStore, StoreOptions
@@ -441,4 +442,36 @@ async def test_a_holder_cleared_as_stale_cannot_write() -> None:
     assert [i.key async for i in backend.list("c/")] == []
     assert [i.key async for i in backend.list(f"u/{status.id}/t/")] == []
     assert locks.stats.stale_cleared == 1
+    await store.close()
+
+
+async def test_gc_hook_protects_live_uploads_and_expires_stale_ones() -> None:
+    from storage.uploads import gc_hook
+
+    backend = MemoryBackend()
+    store = ObjectStore(backend, LockManager(), StoreOptions(chunk_size=CHUNK))
+    now = [1000.0]
+    sessions = UploadSessions(store, UploadOptions(chunk_size=CHUNK, expiry=100.0), clock=lambda: now[0])
+
+    async def started(key: str) -> str:
+        st = await sessions.create(key, length=4 * CHUNK, metadata="", content_type="application/octet-stream")
+
+        async def body() -> AsyncIterator[bytes]:
+            yield payload(CHUNK + 7)
+
+        async with sessions.lock(st.id, owner="t") as lease:
+            await sessions.append(st.id, lease, offset=0, body=body())
+        return st.id
+
+    await started("gc/old.bin")  # expires at 1100
+    now[0] = 1500.0
+    await started("gc/live.bin")  # expires at 1600
+    hook = gc_hook(backend)
+    assert {k for k, _ in await hook.protected_versions()} == {"gc/live.bin", "gc/old.bin"}
+    assert await hook.sweep_expired(1300.0, dry_run=True) == 1
+    assert {k for k, _ in await hook.protected_versions()} == {"gc/live.bin", "gc/old.bin"}  # a dry run changes nothing
+    assert await hook.sweep_expired(1300.0, dry_run=False) == 1
+    assert {k for k, _ in await hook.protected_versions()} == {"gc/live.bin"}
+    chunk_keys = [i.key async for i in backend.list("c/")]
+    assert len(chunk_keys) == 1 and all(keys_mod.key_id("gc/live.bin") in k for k in chunk_keys)
     await store.close()
