@@ -17,7 +17,14 @@ from typing import Sequence
 from gateway.config import ConfigError, ServeConfig, add_serve_arguments, parse_duration, resolve
 
 
+# Attributes every LogRecord has; anything else on a record came from ``extra=`` and is data.
+_RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
 class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line; fields passed with ``extra=`` (request_id, key, ...) become
+    top-level fields, so log pipelines can filter on them without parsing the message."""
+
     def format(self, record: logging.LogRecord) -> str:
         doc = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
@@ -25,12 +32,13 @@ class JsonLogFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for field in ("request_id", "method", "path", "status", "bytes_sent", "duration_s", "remote"):
-            if hasattr(record, field):
-                doc[field] = getattr(record, field)
+        for field, value in vars(record).items():
+            if field not in _RECORD_ATTRIBUTES and not field.startswith("_") and field not in doc:
+                doc[field] = value
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc, ensure_ascii=False)
+        # default=str: an odd extra must never cost the log line (or raise inside logging).
+        return json.dumps(doc, ensure_ascii=False, default=str)
 
 
 def setup_logging(cfg: ServeConfig) -> None:
