@@ -221,12 +221,22 @@ async def request_id_middleware(request: web.Request, handler: Any) -> web.Strea
         request.app["inflight"] -= 1
         access_log.info(
             "%s %s %s %d %d %.4f",
-            request.remote, request.method, request.path_qs if len(request.path_qs) < 2048 else request.path, status,
+            request.remote, request.method, _loggable_target(request), status,
             request.get("chunkgate.bytes_sent", 0), time.perf_counter() - t0,
             extra={"request_id": rid, "method": request.method, "path": request.path, "status": status,
                    "bytes_sent": request.get("chunkgate.bytes_sent", 0), "duration_s": round(time.perf_counter() - t0, 6),
                    "remote": request.remote},
         )
+
+
+def _loggable_target(request: web.Request) -> str:
+    """Path and query for the access log, with a signed URL's signature blanked: until it
+    expires, a logged signature is a credential anyone who reads the logs could replay."""
+    if len(request.path_qs) >= 2048:
+        return request.path
+    if "signature" not in request.query:
+        return request.path_qs
+    return str(request.rel_url.update_query(signature="REDACTED"))
 
 
 def cors_middleware(origins_setting: str) -> Any:
