@@ -41,7 +41,8 @@ def check_signature(signing_key: str, key: str, query: Any, now: float | None = 
         raise HTTPError(403, "bad_signature", "expires must be unix seconds") from None
     if expires < (time.time() if now is None else now):
         raise HTTPError(403, "signature_expired", "the signed URL has expired")
-    if not hmac.compare_digest(signature(signing_key, key, expires), sig.lower()):
+    # Bytes, not str: compare_digest refuses non-ASCII str, and a hostile signature may be anything.
+    if not hmac.compare_digest(signature(signing_key, key, expires).encode(), sig.lower().encode("utf-8", "replace")):
         raise HTTPError(403, "bad_signature", "the URL's signature does not match")
 
 
@@ -69,6 +70,11 @@ def auth_middleware(tokens: list[str], signing_key: str | None) -> Any:
         if request.method == "OPTIONS":
             return await handler(request)
         if tokens and (request.method in WRITE_METHODS or path.startswith("/admin")):
+            check_token(tokens, request.headers.get("Authorization"))
+        elif signing_key and request.method in ("GET", "HEAD") and path in ("/objects", "/objects/"):
+            # Signed URLs name one object; listing every key and ETag is for token holders only.
+            if not tokens:
+                raise HTTPError(403, "forbidden", "listing is disabled while reads need signed URLs")
             check_token(tokens, request.headers.get("Authorization"))
         elif signing_key and request.method in ("GET", "HEAD") and path.startswith("/objects/"):
             if "Authorization" in request.headers and tokens:

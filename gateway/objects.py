@@ -14,7 +14,8 @@ import re
 from typing import Any, AsyncIterator
 from urllib.parse import unquote_to_bytes
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, EofStream, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import conditions, ranges
 from gateway.errors import HTTPError
@@ -28,6 +29,11 @@ log = logging.getLogger("chunkgate.http")
 
 CACHE_CONTROL = "public, max-age=0, must-revalidate"  # keys can be overwritten: always revalidate
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+# What reading a request body raises when the client goes away mid-body or sends a malformed
+# one (short Content-Length body, bad chunked encoding): the upload is incomplete, not a 500.
+BODY_READ_ERRORS = (ConnectionError, asyncio.IncompleteReadError, HttpProcessingError, ClientPayloadError, EofStream)
 
 
 def object_key(request: web.Request) -> str:
@@ -110,12 +116,8 @@ async def request_body(request: web.Request) -> AsyncIterator[bytes]:
             piece = await asyncio.wait_for(stream.readany(), timeout=timeout or None)
         except asyncio.TimeoutError:
             raise HTTPError(408, "body_timeout", f"the request body stalled for {timeout:g} s; nothing was committed") from None
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            raise IncompleteBody(f"the client went away mid-body: {exc}") from None
-        except Exception as exc:  # aiohttp's payload errors (bad chunked encoding, short body)
-            if type(exc).__name__ in ("ClientPayloadError", "ContentLengthError", "TransferEncodingError", "EofStream"):
-                raise IncompleteBody(f"the request body was cut short: {exc}") from None
-            raise
+        except BODY_READ_ERRORS as exc:
+            raise IncompleteBody(f"the request body was cut short: {exc}") from None
         if not piece:
             break
         received += len(piece)

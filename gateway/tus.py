@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from gateway.errors import HTTPError, json_error, to_response
-from gateway.objects import upload_content_type
+from gateway.objects import BODY_READ_ERRORS, upload_content_type
 from storage.errors import IncompleteBody
 from storage.keys import validate_key
 from storage.uploads import (
@@ -213,12 +213,8 @@ async def patch_body(request: web.Request, stop: asyncio.Event, idle_timeout: fl
                                 f"the request body stalled for {idle_timeout:g} s; the bytes received so far were kept")
             try:
                 piece = read.result()
-            except (ConnectionError, asyncio.IncompleteReadError) as exc:
-                raise IncompleteBody(f"the client went away mid-body: {exc}") from None
-            except Exception as exc:  # aiohttp's payload errors (bad chunked encoding, short body)
-                if type(exc).__name__ in ("ClientPayloadError", "ContentLengthError", "TransferEncodingError", "EofStream"):
-                    raise IncompleteBody(f"the request body was cut short: {exc}") from None
-                raise
+            except BODY_READ_ERRORS as exc:
+                raise IncompleteBody(f"the request body was cut short: {exc}") from None
             if not piece:
                 return
             received += len(piece)

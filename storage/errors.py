@@ -56,9 +56,11 @@ class StoreUnavailable(ObjectError):
 
     code = "store_unavailable"
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = None, outcome_unknown: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        # True when a write may have landed: its chunks must be left for gc, not deleted.
+        self.outcome_unknown = outcome_unknown
 
 
 class StoreFailed(ObjectError):

@@ -40,7 +40,7 @@ def validate_key(key: str) -> str:
         raise BadKey("the key is not valid UTF-8") from None
     if len(raw) > MAX_KEY_BYTES:
         raise BadKey(f"the key is {len(raw)} bytes long; at most {MAX_KEY_BYTES} are allowed")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key):
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in key):  # C0, DEL and C1
         raise BadKey("the key contains a NUL or control character")
     if key.startswith("/"):
         raise BadKey("the key must not start with '/'")

@@ -7,6 +7,7 @@ is hostile input until ``Manifest.from_json`` has validated it: a malformed one 
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import re
@@ -55,7 +56,9 @@ class Manifest:
         """The chunks overlapping bytes ``[start, end)``, in order."""
         if start >= end:
             return
-        first = start // self.chunk_size if self.chunk_size else 0
+        # Bisect on offsets rather than start // chunk_size: a chunk re-recorded after tolerated
+        # size drift (or a hostile manifest) need not be exactly chunk_size long.
+        first = max(0, bisect.bisect_right(self.chunks, start, key=lambda c: c.offset) - 1)
         for ref in self.chunks[first:]:
             if ref.offset >= end:
                 break
@@ -106,8 +109,8 @@ class Manifest:
     def from_json(cls, raw: bytes, *, expect_key: str | None = None) -> "Manifest":
         try:
             doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ManifestError(f"manifest is not JSON: {exc}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise ManifestError(f"manifest is not JSON: {type(exc).__name__}: {exc}") from None
         return cls.from_dict(doc, expect_key=expect_key)
 
     @classmethod

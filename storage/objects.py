@@ -27,7 +27,6 @@ from storage import keys
 from storage.backends.base import Backend, InvalidKey, NotFound, PermanentError, PreconditionFailed, TransientError
 from storage.cache import ChunkCache
 from storage.errors import (
-    BadRequest,
     BodyTooLarge,
     ChecksumMismatch,
     ChunkRejected,
@@ -204,6 +203,10 @@ class ObjectStore:
             )
             await self.commit(manifest, check=check, owner=owner)
             return manifest
+        except StoreUnavailable as exc:
+            if not exc.outcome_unknown:
+                await writer.abort()
+            raise
         except BaseException:
             await writer.abort()
             raise
@@ -231,8 +234,15 @@ class ObjectStore:
         # A conditional write that loses means another gateway committed between our read and
         # our write (this gateway's writers are serialized by the lock). Unconditional PUT
         # semantics are last-writer-wins, so re-read and try again, boundedly.
+        previous: Current | None = None
         for attempt in range(5):
             current = await self._current_or_none(key)
+            if current is not None and current.manifest.version == manifest.version:
+                # Our own write landed although its answer was lost (a retried conditional put
+                # then reports a conflict with itself): committed, whatever the error said.
+                self._committed(manifest, previous)
+                return
+            previous = current
             if check is not None:
                 check(current.manifest.etag if current else None)
             lease.check()  # fencing: a stale-cleared holder must not commit
@@ -245,17 +255,38 @@ class ObjectStore:
                 self.stats.commit_conflicts += 1
                 continue
             except TransientError as exc:
-                raise StoreUnavailable(f"the store failed committing the manifest: {exc}", retry_after=exc.retry_after) from exc
+                await self._resolve_unknown_commit(manifest, previous, exc)
+                return
             except InvalidKey as exc:
                 raise _key_too_long(key, exc) from None
             except PermanentError as exc:
                 raise StoreFailed(f"the store refused the manifest: {exc}") from exc
-            self._forget_manifest(key)
-            self.stats.objects_committed += 1
-            if current is not None and current.manifest.version != manifest.version:
-                self._delete_version_later(current.manifest)
+            self._committed(manifest, current)
             return
         raise CommitConflict(f"gave up committing {key!r}: other writers kept winning")
+
+    def _committed(self, manifest: Manifest, replaced: Current | None) -> None:
+        self._forget_manifest(manifest.key)
+        self.stats.objects_committed += 1
+        if replaced is not None and replaced.manifest.version != manifest.version:
+            self._delete_version_later(replaced.manifest)
+
+    async def _resolve_unknown_commit(self, manifest: Manifest, previous: Current | None, exc: TransientError) -> None:
+        """The manifest write failed in a way that may have landed (a timeout after the store
+        took it). Read it back: ours -> committed; someone else's or absent -> not committed,
+        say so; unreadable -> the outcome is unknown, and the caller must not delete the chunks
+        (gc collects them if the commit did not land)."""
+        try:
+            current = await self._read_current(manifest.key)
+        except ObjectNotFound:
+            current = None
+        except Exception:
+            raise StoreUnavailable(f"the store failed committing the manifest and its outcome is unknown: {exc}",
+                                   retry_after=exc.retry_after, outcome_unknown=True) from exc
+        if current is not None and current.manifest.version == manifest.version:
+            self._committed(manifest, previous)
+            return
+        raise StoreUnavailable(f"the store failed committing the manifest: {exc}", retry_after=exc.retry_after) from exc
 
     async def delete(self, key: str, *, check: Callable[[str | None], None] | None = None, owner: str = "delete") -> None:
         async with self.locks.hold(key, owner=owner, timeout=self.options.lock_timeout) as lease:
@@ -567,11 +598,11 @@ async def _rechunk(body: AsyncIterable[bytes], chunk_size: int, limit: int | Non
         yield b"".join(pieces)
 
 
-def _key_too_long(key: str, exc: InvalidKey) -> BadRequest:
-    """API.md allows 1024-byte keys; a store adds its own prefix (and the manifest record its
-    'm/'), so the longest keys can exceed what the store holds. That is the client's key, not a
-    store failure: a 400 that says so."""
-    return BadRequest(f"the key cannot be stored in this store ({exc}); use a shorter key")
+def _key_too_long(key: str, exc: InvalidKey) -> keys.BadKey:
+    """A key the store cannot hold: API.md allows 1024-byte keys, but an S3 store adds its prefix
+    and the manifest record its 'm/', and the fs store refuses characters its filesystem can't
+    hold safely (backslashes). That is the client's key, not a store failure: a 400 bad_key."""
+    return keys.BadKey(f"this store cannot hold the key ({exc}); use a shorter or simpler key")
 
 
 def _sha256_hex(data: bytes) -> str:

@@ -49,12 +49,9 @@ TRAVERSALS = [
     "/objects/%2F%2Fetc%2Fpasswd",
     "/objects/a%00b",
     "/objects/..%00/pwned",
-    pytest.param("/objects/..%5C..%5Coutside%5Cpwned", marks=pytest.mark.xfail(strict=True, reason="the fs store refuses backslash keys with InvalidKey, which the "
-                                                           "gateway answers 502 store_error instead of 400 bad_key (reported)")),
-    pytest.param("/objects/a%5C..%5C..%5Cpwned", marks=pytest.mark.xfail(strict=True, reason="the fs store refuses backslash keys with InvalidKey, which the "
-                                                           "gateway answers 502 store_error instead of 400 bad_key (reported)")),
-    pytest.param("/objects/..\\..\\outside\\pwned", marks=pytest.mark.xfail(strict=True, reason="the fs store refuses backslash keys with InvalidKey, which the "
-                                                           "gateway answers 502 store_error instead of 400 bad_key (reported)")),
+    "/objects/..%5C..%5Coutside%5Cpwned",
+    "/objects/a%5C..%5C..%5Cpwned",
+    "/objects/..\\..\\outside\\pwned",
     "/objects/%252E%252E/%252E%252E/outside/pwned",  # double-encoded: a literal '%2E%2E' key
     "/objects/./pwned",
     "/objects/a/./b",

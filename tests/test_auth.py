@@ -109,8 +109,6 @@ async def test_reads_need_a_valid_unexpired_signature_for_that_key(gw: Any, make
             assert doc["error"] == code
 
 
-@pytest.mark.xfail(strict=True, reason="gateway/auth.py compares a non-ASCII signature with hmac.compare_digest on "
-                                       "str, which raises TypeError (a 500); fix described in the hardening report")
 async def test_a_non_ascii_signature_is_a_403_not_a_crash(gw: Any) -> None:
     url, session = gw
     got, doc, _ = await call(session, "GET", tamper(signed_url(url, SIGNING_KEY, "dir/clip.mp4", 60), signature="%C3%A9"))

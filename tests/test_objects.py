@@ -262,3 +262,50 @@ async def test_listing_is_in_key_order_and_pages_with_after() -> None:
     assert [m.key for m in page + rest] == sorted(names, key=lambda k: k.encode()) and end is None
     only_b, _ = await store.list("b/")
     assert [m.key for m in only_b] == ["b/1", "b/2"]
+
+
+class LostAnswerBackend(MemoryBackend):
+    """The manifest write lands, but its answer is lost: ``mode`` says what the caller sees."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.reads_fail = False
+
+    async def put(self, key, data, **kw):  # type: ignore[no-untyped-def]
+        etag = await super().put(key, data, **kw)
+        if key.startswith(keys.MANIFEST_PREFIX):
+            if self.mode == "timeout":
+                raise TransientError("timed out after the store took it")
+            if self.mode == "retried":
+                from storage.backends.base import PreconditionFailed
+                raise PreconditionFailed("a retry of our own create-only put")
+            if self.mode == "blackout":
+                self.reads_fail = True
+                raise TransientError("timed out, and the store is gone")
+        return etag
+
+    async def get(self, key, **kw):  # type: ignore[no-untyped-def]
+        if self.reads_fail and key.startswith(keys.MANIFEST_PREFIX):
+            raise TransientError("unreachable")
+        return await super().get(key, **kw)
+
+
+@pytest.mark.parametrize("mode", ["timeout", "retried"], ids=["write-timed-out-after-landing", "retry-conflicts-with-itself"])
+async def test_a_commit_whose_answer_was_lost_is_recognised_as_committed(mode: str) -> None:
+    backend = LostAnswerBackend(mode)
+    store = make_store(backend)
+    data = os.urandom(2 * CHUNK)
+    await store.put("k", body_of(data), content_type="x/y", check=lambda current: None)
+    assert await read_all(store, "k") == data  # the chunks were not deleted under it
+
+
+async def test_a_commit_of_unknown_outcome_keeps_its_chunks_for_gc() -> None:
+    backend = LostAnswerBackend("blackout")
+    store = make_store(backend)
+    data = os.urandom(2 * CHUNK)
+    with pytest.raises(StoreUnavailable) as info:
+        await store.put("k", body_of(data), content_type="x/y")
+    assert info.value.outcome_unknown
+    backend.reads_fail = False
+    assert await read_all(store, "k") == data  # the manifest did land, and its chunks are all there
