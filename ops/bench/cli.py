@@ -191,7 +191,7 @@ def run(cfg: BenchConfig, ns: argparse.Namespace, out: Path) -> dict[str, Any]:
                 stack.callback(ctx._gateway.stop)
                 log(f"SeaweedFS {ctx.store.url}, chunkgate {ctx.gateway.url} (pid {ctx.gateway.pid})")
                 if ns.profile:
-                    profiler = subprocess.Popen(["py-spy", "record", "--pid", str(ctx.gateway.pid), "--rate", "200",
+                    profiler = subprocess.Popen(["py-spy", "record", "--pid", str(ctx.gateway.pid), "--rate", "200", "--nonblocking",
                                                  "--format", "raw", "-o", str(out / "profile.txt")],
                                                 stdout=subprocess.DEVNULL, stderr=open(workdir / "py-spy.log", "wb"))
             for name in cfg.scenarios:
