@@ -32,6 +32,8 @@ class Panel:
     # (legend template, PromQL). `{w}` is the rate window, `{sel}` the instance selector; a legend
     # template names labels of the result in braces, e.g. "{status}".
     queries: tuple[tuple[str, str], ...]
+    scale: float = 1.0  # values are divided by this (bytes -> MiB)
+    ratio: bool = False  # a 0..1 axis, so a dip reads as small as it is
 
 
 PANELS: tuple[Panel, ...] = (
@@ -41,21 +43,21 @@ PANELS: tuple[Panel, ...] = (
     Panel("HTTP latency p99 by route", "seconds", (
         ("{route}", 'histogram_quantile(0.99, sum by (le, route) (rate(chunkgate_http_request_duration_seconds_bucket{sel}[{w}])))'),
     )),
-    Panel("Store bytes/s", "bytes/s", (
+    Panel("Store bytes/s", "MiB/s", (
         ("read", 'sum(rate(chunkgate_backend_bytes_read_total{sel}[{w}]))'),
         ("written", 'sum(rate(chunkgate_backend_bytes_written_total{sel}[{w}]))'),
-    )),
+    ), scale=2**20),
     Panel("Chunk cache hit ratio", "hits / (hits + misses)", (
         ("hit ratio", 'sum(rate(chunkgate_cache_hits_total{sel}[{w}])) / (sum(rate(chunkgate_cache_hits_total{sel}[{w}]))'
                       ' + sum(rate(chunkgate_cache_misses_total{sel}[{w}])))'),
-    )),
+    ), ratio=True),
     Panel("Locks", "locks", (
         ("active", 'sum(chunkgate_locks_active{sel})'),
         ("waiting", 'sum(chunkgate_locks_waiting{sel})'),
     )),
-    Panel("tus upload throughput", "bytes/s", (
+    Panel("tus upload throughput", "MiB/s", (
         ("received", 'sum(rate(chunkgate_upload_bytes_total{sel}[{w}]))'),
-    )),
+    ), scale=2**20),
 )
 
 
@@ -107,7 +109,7 @@ def plot(prometheus: str, output: str, *, minutes: float, step: float | None, wi
         for label_template, template in panel.queries:
             for series in query_range(prometheus, render(template, window=window, instance=instance), start, end, step):
                 xs = [datetime.fromtimestamp(float(t)) for t, _ in series["values"]]
-                ys = [float(v) for _, v in series["values"]]  # "NaN" parses to nan: a gap in the line
+                ys = [float(v) / panel.scale for _, v in series["values"]]  # "NaN" parses to nan: a gap in the line
                 if not any(math.isfinite(y) for y in ys):
                     continue
                 ax.plot(xs, ys, label=legend(label_template, series["metric"]), linewidth=1.4)
@@ -115,6 +117,8 @@ def plot(prometheus: str, output: str, *, minutes: float, step: float | None, wi
         ax.set_title(panel.title, fontsize=11)
         ax.set_ylabel(panel.unit, fontsize=9)
         ax.grid(True, alpha=0.3)
+        if panel.ratio:
+            ax.set_ylim(0, 1.05)
         ax.tick_params(labelsize=8)
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
         if ax.lines:
