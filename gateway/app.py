@@ -84,6 +84,7 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
             cors_middleware(cfg.cors_origins),
             error_middleware,
             auth_middleware(cfg.auth_token, cfg.signing_key),
+            upload_cap_middleware(cfg.max_concurrent_uploads),
         ],
         client_max_size=1024**2,  # bodies we buffer (tus metadata, JSON); object bodies stream
         handler_args={"max_field_size": 16 * 1024, "max_line_size": 16 * 1024},
@@ -237,6 +238,29 @@ def _loggable_target(request: web.Request) -> str:
     if "signature" not in request.query:
         return request.path_qs
     return str(request.rel_url.update_query(signature="REDACTED"))
+
+
+def upload_cap_middleware(limit: int) -> Any:
+    """At most ``limit`` request bodies are received at once. Each upload holds up to
+    (N+1) chunks of memory, so the cap bounds the gateway's memory under an upload storm; the
+    rest are told to come back (503 + Retry-After) before a byte of their body is read."""
+    in_use = 0
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        nonlocal in_use
+        if not limit or request.method not in ("PUT", "PATCH", "POST") or not request.body_exists:
+            return await handler(request)
+        if in_use >= limit:
+            return json_error(503, "too_many_uploads", f"{limit} uploads are in progress; try again shortly",
+                              {"Retry-After": "1"})
+        in_use += 1
+        try:
+            return await handler(request)
+        finally:
+            in_use -= 1
+
+    return middleware
 
 
 def cors_middleware(origins_setting: str) -> Any:

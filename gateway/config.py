@@ -106,6 +106,7 @@ class ServeConfig:
     locks: str = "auto"
     store_max_concurrency: int = 64
     store_max_rps: float = 0.0
+    max_concurrent_uploads: int = 64
     fault_rate: float = 0.0  # debugging only: inject store faults at this rate
     fault_kinds: str = "all"
 
@@ -139,6 +140,8 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--upload-expiry", "upload_expiry", parse_duration, "tus uploads expire after this long without progress"),
     ("--locks", "locks", str, "local, store or auto (store for s3, local otherwise)"),
     ("--store-max-concurrency", "store_max_concurrency", parse_nonneg_int, "store requests in flight at most"),
+    ("--max-concurrent-uploads", "max_concurrent_uploads", parse_nonneg_int,
+     "request bodies (PUT, tus PATCH/POST) received at once; more get 503 + Retry-After (0 = no cap)"),
     ("--store-max-rps", "store_max_rps", float, "store requests per second at most (0 = unlimited)"),
     ("--fault-rate", "fault_rate", parse_ratio, "DEBUG: inject store faults into this share of store calls"),
     ("--fault-kinds", "fault_kinds", str, "DEBUG: comma-separated error, throttle, latency, truncate, or all"),

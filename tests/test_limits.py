@@ -241,8 +241,10 @@ async def test_a_stalled_body_gets_408_and_commits_nothing() -> None:
 
 async def test_slow_clients_do_not_starve_a_normal_one() -> None:
     """Slowloris: many connections dribbling headers or bodies a byte at a time. A normal client
-    must still be able to write and read while they hang on."""
-    async with in_process_gateway(ServeConfig(body_timeout=30)) as (url, _app), aiohttp.ClientSession() as session:
+    must still be able to write and read while they hang on. (The upload cap is off here: 75
+    dribbling uploads would hold 75 of its slots, and new uploads would be told to retry —
+    that behaviour has its own test below.)"""
+    async with in_process_gateway(ServeConfig(body_timeout=30, max_concurrent_uploads=0)) as (url, _app), aiohttp.ClientSession() as session:
         host, port = url.removeprefix("http://").split(":")
         writers: list[asyncio.StreamWriter] = []
         for i in range(150):
@@ -275,3 +277,27 @@ async def test_slow_clients_do_not_starve_a_normal_one() -> None:
                 w.close()
         async with session.get(f"{url}/objects?prefix=slow") as r:
             assert (await r.json())["objects"] == []  # none of the dribbled bodies was committed
+
+
+async def test_uploads_over_the_concurrency_cap_get_503_with_retry_after_and_the_rest_succeed() -> None:
+    cfg = ServeConfig(max_concurrent_uploads=2, chunk_size=1024)
+    async with in_process_gateway(cfg) as (url, _app), aiohttp.ClientSession() as session:
+        release = asyncio.Event()
+
+        async def slow_body():
+            yield b"a" * 100
+            await release.wait()
+            yield b"b" * 100
+
+        slow = [asyncio.ensure_future(session.put(f"{url}/objects/slow{i}", data=slow_body())) for i in range(2)]
+        await asyncio.sleep(0.3)
+        async with session.put(f"{url}/objects/third", data=b"x") as r:
+            assert r.status == 503 and r.headers["Retry-After"] == "1"
+            assert (await r.json())["error"] == "too_many_uploads"
+        release.set()
+        for fut in slow:
+            r = await fut
+            assert r.status == 201
+            r.release()
+        async with session.put(f"{url}/objects/third", data=b"x") as r:
+            assert r.status == 201
