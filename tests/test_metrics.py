@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -390,7 +390,7 @@ async def test_counters_move_with_their_events(event: Event) -> None:
 # ------------------------------------------------------------------------------ lock gauges
 async def test_lock_gauges_and_admin_locks_show_a_held_lock_at_scrape_time() -> None:
     async with in_process_gateway(ServeConfig(chunk_size=CHUNK)) as (url, app):
-        locks = app["store"].locks
+        locks = cast(Any, app)["store"].locks
         async with aiohttp.ClientSession() as session:
             idle = await scrape(session, url)
             assert [total(idle, n) for n in ("chunkgate_locks_active", "chunkgate_locks_waiting",
