@@ -116,7 +116,10 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
         if cfg.gc_interval > 0:
             from storage.gc import run_periodically
 
-            app["background"].append(asyncio.ensure_future(run_periodically(store, cfg.gc_interval, cfg.grace)))
+            def count(report: Any) -> None:
+                metrics.gc_ran(chunks=report.chunks_deleted, uploads=report.uploads_expired)
+
+            app["background"].append(asyncio.ensure_future(run_periodically(store, cfg.gc_interval, cfg.grace, count)))
 
     async def on_cleanup(app: web.Application) -> None:
         for task in app.get("background", []):

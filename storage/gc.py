@@ -28,7 +28,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from storage import keys
 from storage.backends.base import Backend, NotFound
@@ -237,7 +237,8 @@ async def collect(
     return report
 
 
-async def run_periodically(store: Any, interval: float, grace: float) -> None:
+async def run_periodically(store: Any, interval: float, grace: float,
+                           on_report: Callable[[GcReport], None] | None = None) -> None:
     """Run ``collect`` on ``store.backend`` every ``interval`` seconds (jittered, so gateways
     sharing a store do not all sweep at once) until cancelled. Failures are logged, never
     raised: gc is housekeeping and must not take the gateway down. Several gateways sweeping
@@ -254,3 +255,5 @@ async def run_periodically(store: Any, interval: float, grace: float) -> None:
             log.exception("periodic gc failed")
             continue
         log.info("%s", report.summary())
+        if on_report is not None:
+            on_report(report)

@@ -29,6 +29,9 @@ class ChunkRef:
     offset: int
     size: int
     sha256: str | None  # None only for manifests imported from systems that kept sizes only
+    # SHA-256 of each ``Manifest.block_size`` slice of the chunk, when recorded: lets a small
+    # read (a player's seek) fetch and verify one block instead of the whole chunk.
+    blocks: tuple[str, ...] | None = None
 
     @property
     def end(self) -> int:
@@ -46,6 +49,7 @@ class Manifest:
     chunks: tuple[ChunkRef, ...]
     etag: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    block_size: int = 0  # 0: no block hashes recorded
 
     def __post_init__(self) -> None:
         if not self.etag:
@@ -77,7 +81,7 @@ class Manifest:
         offset = 0
         fixed = []
         for c in chunks:
-            fixed.append(ChunkRef(c.index, offset, c.size, c.sha256))
+            fixed.append(ChunkRef(c.index, offset, c.size, c.sha256, c.blocks))
             offset += c.size
         return replace(self, chunks=tuple(fixed), size=offset, etag="")
 
@@ -94,12 +98,11 @@ class Manifest:
                 "etag": self.etag,
                 "created": self.created.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "chunk_size": self.chunk_size,
-                "chunks": [
-                    {"index": c.index, "offset": c.offset, "size": c.size, "sha256": c.sha256}
-                    for c in self.chunks
-                ],
+                "chunks": [_chunk_dict(c) for c in self.chunks],
             }
         )
+        if self.block_size:
+            doc["block_size"] = self.block_size
         return doc
 
     def to_json(self) -> bytes:
@@ -131,6 +134,9 @@ class Manifest:
         if not isinstance(content_type, str) or any(ord(c) < 0x20 for c in content_type):
             raise ManifestError("manifest content_type is malformed")
         created = _parse_time(doc.get("created"))
+        block_size = doc.get("block_size", 0)
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 0:
+            raise ManifestError("manifest field 'block_size' must be a non-negative integer")
         raw_chunks = doc.get("chunks")
         if not isinstance(raw_chunks, list):
             raise ManifestError("manifest chunks is not a list")
@@ -148,20 +154,37 @@ class Manifest:
             sha = c.get("sha256")
             if sha is not None and (not isinstance(sha, str) or not _HEX64.match(sha)):
                 raise ManifestError(f"chunk {i} sha256 is not 64 lowercase hex digits")
-            chunks.append(ChunkRef(i, offset, csize, sha))
+            blocks = c.get("blocks")
+            if blocks is not None:
+                if (not block_size or not isinstance(blocks, list) or len(blocks) != block_count(csize, block_size)
+                        or not all(isinstance(b, str) and _HEX64.match(b) for b in blocks)):
+                    raise ManifestError(f"chunk {i} blocks do not match its size and the block_size")
+                blocks = tuple(blocks)
+            chunks.append(ChunkRef(i, offset, csize, sha, blocks))
             offset += csize
         if offset != size:
             raise ManifestError(f"chunk sizes add up to {offset}, manifest says {size}")
         if chunks and chunk_size <= 0:
             raise ManifestError("manifest chunk_size must be positive")
-        known = {"format", "key", "version", "size", "content_type", "etag", "created", "chunk_size", "chunks"}
+        known = {"format", "key", "version", "size", "content_type", "etag", "created", "chunk_size", "chunks", "block_size"}
         extra = {k: v for k, v in doc.items() if k not in known}
         etag = doc.get("etag") if isinstance(doc.get("etag"), str) else ""
-        m = cls(key, version, size, content_type, created, chunk_size, tuple(chunks), "", extra)
+        m = cls(key, version, size, content_type, created, chunk_size, tuple(chunks), "", extra, block_size)
         if etag and etag != m.etag and _is_strong_etag(etag):
             # Keep a stored ETag the format can vouch for (sizes-only imports keep theirs).
             object.__setattr__(m, "etag", etag)
         return m
+
+
+def _chunk_dict(c: ChunkRef) -> dict[str, Any]:
+    doc: dict[str, Any] = {"index": c.index, "offset": c.offset, "size": c.size, "sha256": c.sha256}
+    if c.blocks is not None:
+        doc["blocks"] = list(c.blocks)
+    return doc
+
+
+def block_count(size: int, block_size: int) -> int:
+    return -(-size // block_size) if block_size else 0
 
 
 def compute_etag(version: str, size: int, chunks: tuple[ChunkRef, ...] | list[ChunkRef]) -> str:

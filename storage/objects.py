@@ -77,6 +77,7 @@ class StoreOptions:
     grace_seconds: float = 300.0  # replaced versions are deleted this long after replacement
     max_object_size: int | None = None
     small_read_bytes: int = 256 * 1024  # cold reads up to this size fetch a byte range, not the chunk
+    block_size: int = 1024 * 1024  # SHA-256 recorded per block too, so such a range can be verified
     lock_timeout: float | None = None
 
 
@@ -200,6 +201,7 @@ class ObjectStore:
                 created=datetime.now(timezone.utc).replace(microsecond=0),
                 chunk_size=self.options.chunk_size,
                 chunks=tuple(chunks),
+                block_size=self.options.block_size,
             )
             await self.commit(manifest, check=check, owner=owner)
             return manifest
@@ -331,11 +333,12 @@ class ObjectStore:
         Raises ``ChunkRejected`` (never serve) or ``ChunkSizeDrift`` (the manifest is being
         repaired; the caller must not go on with headers computed from the old sizes)."""
         refs = list(manifest.chunks_for(start, end))
-        # A byte range can't be checked against the chunk's SHA-256, so with verification on
-        # every store fetch is of the whole chunk: correctness before seek latency.
+        # A cold read of a few KiB inside one chunk (a player's seek) fetches only the blocks it
+        # touches — verified against their recorded SHA-256 — instead of the whole chunk. Without
+        # block hashes (older or imported manifests), verification needs the whole chunk.
         small = (
-            not self.options.verify_reads
-            and len(refs) == 1
+            len(refs) == 1
+            and (not self.options.verify_reads or (refs[0].blocks is not None and manifest.block_size > 0))
             and end - start <= self.options.small_read_bytes
             and keys.chunk_key(manifest.key, manifest.version, refs[0].index) not in self.cache
         )
@@ -379,21 +382,36 @@ class ObjectStore:
         return StoredChunk(blob.data, digest)
 
     async def _read_small(self, manifest: Manifest, ref: ChunkRef, start: int, end: int) -> bytes:
-        """A cold read of a few KiB inside one chunk fetches just that byte range: a player's
-        seek should not wait for a whole chunk. The stored size is still checked (the store
-        reports it with the range); the SHA-256 is checked whenever the whole chunk is fetched."""
+        """A cold read of a few KiB inside one chunk: a player's seek should not wait for a whole
+        chunk. With verification on, the blocks the range touches are fetched and each is checked
+        against its recorded SHA-256; without it, just the range. The stored size is checked
+        either way (the store reports it with the range)."""
         ck = keys.chunk_key(manifest.key, manifest.version, ref.index)
         lo, hi = start - ref.offset, end - ref.offset
+        bs = manifest.block_size
+        verify = self.options.verify_reads and ref.blocks is not None and bs > 0
+        fetch_lo, fetch_hi = ((lo // bs) * bs, min(-(-hi // bs) * bs, ref.size)) if verify else (lo, hi)
         try:
-            blob = await self.backend.get(ck, start=lo, end=hi)
+            blob = await self.backend.get(ck, start=fetch_lo, end=fetch_hi)
         except NotFound:
             raise StoreFailed(f"chunk {ck} referenced by a committed manifest is missing") from None
         except TransientError as exc:
             raise StoreUnavailable(f"the store failed reading a chunk: {exc}", retry_after=exc.retry_after) from exc
         self._check(manifest, ref, blob.size, None, stored=None)
-        if len(blob.data) != hi - lo:
-            raise StoreUnavailable(f"short read of {ck}: {len(blob.data)} of {hi - lo} bytes")
-        return blob.data
+        if len(blob.data) != fetch_hi - fetch_lo:
+            raise StoreUnavailable(f"short read of {ck}: {len(blob.data)} of {fetch_hi - fetch_lo} bytes")
+        if not verify:
+            return blob.data
+        view = memoryview(blob.data)
+        first = fetch_lo // bs
+        for n, at in enumerate(range(0, len(view), bs)):
+            if hashlib.sha256(view[at:at + bs]).hexdigest() != ref.blocks[first + n]:  # type: ignore[index]
+                self.stats.checksum_mismatch += 1
+                self.stats.size_rejected += 1
+                log.error("chunk block checksum mismatch: key=%r chunk=%d block=%d", manifest.key, ref.index, first + n)
+                raise ChunkRejected(f"chunk {ref.index} of {manifest.key!r} has the right size but a block with the wrong SHA-256",
+                                    key=manifest.key, index=ref.index, expected=ref.size, actual=blob.size)
+        return bytes(view[lo - fetch_lo:hi - fetch_lo])
 
     def _check(self, manifest: Manifest, ref: ChunkRef, actual: int, sha256: str | None, *, stored: StoredChunk | None) -> None:
         verdict = self.options.tolerance.verdict(ref.size, actual)
@@ -537,7 +555,9 @@ class ChunkWriter:
 
     async def _write(self, index: int, offset: int, data: bytes) -> ChunkRef:
         try:
-            digest = await asyncio.to_thread(_sha256_hex, data) if len(data) > 1 << 20 else _sha256_hex(data)
+            bs = self.store.options.block_size
+            # hashlib releases the GIL on large buffers: hash big chunks off the event loop.
+            digest, blocks = await asyncio.to_thread(_digests, data, bs) if len(data) > 1 << 20 else _digests(data, bs)
             ck = keys.chunk_key(self.key, self.version, index)
             backend = self.store.backend
             try:
@@ -552,7 +572,7 @@ class ChunkWriter:
                 raise StoreFailed(f"the store refused chunk {index}: {exc}") from exc
             if info.size != len(data):
                 raise StoreFailed(f"chunk {index} reads back as {info.size} bytes; {len(data)} were written")
-            return ChunkRef(index, offset, len(data), digest)
+            return ChunkRef(index, offset, len(data), digest, blocks)
         finally:
             self._slots.release()
 
@@ -607,6 +627,14 @@ def _key_too_long(key: str, exc: InvalidKey) -> keys.BadKey:
 
 def _sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _digests(data: bytes, block_size: int) -> tuple[str, tuple[str, ...] | None]:
+    """The chunk's SHA-256, and each block's when ``block_size`` is set."""
+    view = memoryview(data)
+    blocks = tuple(hashlib.sha256(view[i:i + block_size]).hexdigest() for i in range(0, len(data), block_size)) \
+        if block_size else None
+    return hashlib.sha256(data).hexdigest(), blocks
 
 
 def _verify_md5(header: str, digest: bytes) -> None:

@@ -8,6 +8,7 @@ The commands run as real processes on an fs store."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -363,3 +364,27 @@ async def test_commands_on_an_fs_store(tmp_path: Path) -> None:
     assert swept.returncode == 0 and "deleted 3 chunks" in swept.stdout, swept.stdout + swept.stderr
     left = await chunk_keys(FsBackend(root))
     assert chunks_of(keep) <= left and len(left) == 3 + 3
+
+
+async def test_serve_runs_gc_periodically_and_counts_what_it_deleted() -> None:
+    import aiohttp
+
+    from gateway.config import ServeConfig
+    from storage import keys
+    from storage.backends.memory import MemoryBackend
+    from tests.support.gateway import in_process_gateway
+
+    backend = MemoryBackend()
+    orphan = keys.chunk_key("crashed/upload.mp4", "0000000000001" + "00" * 8, 0)  # a version from 1970
+    await backend.put(orphan, b"left behind by a crash")
+    async with in_process_gateway(ServeConfig(gc_interval=0.2, grace=0), backend=backend) as (url, _app):
+        async with aiohttp.ClientSession() as s:
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                async with s.get(f"{url}/metrics") as r:
+                    text = await r.text()
+                if 'chunkgate_gc_deleted_total{kind="chunk"} 1.0' in text:
+                    break
+            assert 'chunkgate_gc_deleted_total{kind="chunk"} 1.0' in text
+            assert "chunkgate_gc_runs_total" in text
+    assert [i.key async for i in backend.list(keys.CHUNK_PREFIX)] == []

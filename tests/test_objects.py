@@ -309,3 +309,49 @@ async def test_a_commit_of_unknown_outcome_keeps_its_chunks_for_gc() -> None:
     assert info.value.outcome_unknown
     backend.reads_fail = False
     assert await read_all(store, "k") == data  # the manifest did land, and its chunks are all there
+
+
+class RangeRecordingBackend(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunk_reads: list[tuple[int, int | None]] = []
+
+    async def get(self, key, *, start=0, end=None):  # type: ignore[no-untyped-def]
+        if key.startswith(keys.CHUNK_PREFIX):
+            self.chunk_reads.append((start, end))
+        return await super().get(key, start=start, end=end)
+
+
+async def test_a_cold_seek_fetches_and_verifies_only_the_blocks_it_touches() -> None:
+    backend = RangeRecordingBackend()
+    block = 16 * 1024
+    store = make_store(backend, block_size=block, small_read_bytes=8 * 1024)
+    data = os.urandom(3 * CHUNK)
+    m = await store.put("v", body_of(data), content_type="video/mp4")
+    assert m.block_size == block and all(len(c.blocks or ()) == CHUNK // block for c in m.chunks)
+    start = CHUNK + block + 100  # inside chunk 1, block 1
+    got = b"".join([bytes(p) async for p in store.read(m, start, start + 4096)])
+    assert got == data[start:start + 4096]
+    assert backend.chunk_reads == [(block, 2 * block)]  # one block, not the 64 KiB chunk
+
+    # Same size, other bytes in that block (the reused-buffer corruption): rejected, not served.
+    ck = keys.chunk_key("v", m.version, 1)
+    bad = bytearray(data[CHUNK:2 * CHUNK])
+    bad[block + 5] ^= 0xFF
+    await backend.put(ck, bytes(bad))
+    from storage.errors import ChunkRejected
+    with pytest.raises(ChunkRejected):
+        async for _ in store.read(m, start, start + 4096):
+            pass
+    assert store.stats.checksum_mismatch == 1
+
+
+async def test_the_manifest_records_block_hashes_that_survive_a_json_round_trip() -> None:
+    store = make_store(block_size=16 * 1024)
+    data = os.urandom(CHUNK + 20000)
+    m = await store.put("v", body_of(data), content_type="x/y")
+    again = Manifest.from_json(m.to_json())
+    assert again.block_size == 16 * 1024 and again.chunks == m.chunks
+    last = m.chunks[-1]
+    assert last.blocks == (hashlib.sha256(data[CHUNK:CHUNK + 16384]).hexdigest(),
+                           hashlib.sha256(data[CHUNK + 16384:]).hexdigest())
