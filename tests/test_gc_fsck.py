@@ -387,4 +387,4 @@ async def test_serve_runs_gc_periodically_and_counts_what_it_deleted() -> None:
                     break
             assert 'chunkgate_gc_deleted_total{kind="chunk"} 1.0' in text
             assert "chunkgate_gc_runs_total" in text
-    assert [i.key async for i in backend.list(keys.CHUNK_PREFIX)] == []
+        assert [i.key async for i in backend.list(keys.CHUNK_PREFIX)] == []
