@@ -45,7 +45,7 @@ from storage import keys
 from storage.backends.base import NotFound, ObjectInfo, PermanentError, PreconditionFailed, TransientError
 from storage.errors import BadRequest, BodyTooLarge, CommitConflict, ObjectError, ObjectNotFound, StoreFailed, StoreUnavailable
 from storage.locks import LeaseLost
-from storage.manifest import ChunkRef, Manifest, ManifestError
+from storage.manifest import ChunkRef, Manifest, ManifestError, block_count
 from storage.objects import ChunkWriter, ObjectStore
 
 log = logging.getLogger("chunkgate.uploads")
@@ -124,6 +124,7 @@ class UploadRecord:
     expires: float
     state: UploadState = UploadState.PENDING
     hashes: dict[int, str] = field(default_factory=dict)  # SHA-256 of chunks known to be written
+    blocks: dict[int, list[str]] = field(default_factory=dict)  # their per-block SHA-256, when known
     finished: float | None = None  # when it entered a terminal state
 
     def to_json(self) -> bytes:
@@ -132,6 +133,7 @@ class UploadRecord:
             "length": self.length, "chunk_size": self.chunk_size, "content_type": self.content_type,
             "metadata": self.metadata, "created": self.created, "expires": self.expires,
             "state": self.state.value, "hashes": {str(i): h for i, h in sorted(self.hashes.items())},
+            "blocks": {str(i): b for i, b in sorted(self.blocks.items())},
             "finished": self.finished,
         }
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
@@ -149,6 +151,7 @@ class UploadRecord:
                 content_type=str(doc["content_type"]), metadata=str(doc.get("metadata") or ""),
                 created=float(doc["created"]), expires=float(doc["expires"]), state=UploadState(doc["state"]),
                 hashes={int(i): str(h) for i, h in (doc.get("hashes") or {}).items()},
+                blocks={int(i): [str(h) for h in b] for i, b in (doc.get("blocks") or {}).items()},
                 finished=None if doc.get("finished") is None else float(doc["finished"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -639,6 +642,8 @@ class UploadSessions:
             await writer.add(blob.data)
             (ref,) = await writer.finish()
             record.hashes[ref.index] = ref.sha256 or ""
+            if ref.blocks is not None:
+                record.blocks[ref.index] = list(ref.blocks)
             durable.debris.append(durable.tail.key)
             durable.chunks.append(ObjectInfo(keys.chunk_key(record.key, record.version, ref.index), ref.size, "", datetime.now(timezone.utc)))
             durable.tail = None
@@ -653,14 +658,18 @@ class UploadSessions:
                     raise StoreUnavailable(f"short read of {info.key}")
                 digest = await asyncio.to_thread(lambda d=blob.data: hashlib.sha256(d).hexdigest())
                 record.hashes[index] = digest
-            refs.append(ChunkRef(index, offset, info.size, digest))
+            blocks = record.blocks.get(index)
+            block_size = self.store.options.block_size
+            if blocks is not None and len(blocks) != block_count(info.size, block_size):
+                blocks = None  # recorded under another block size: seeks fall back to the whole chunk
+            refs.append(ChunkRef(index, offset, info.size, digest, tuple(blocks) if blocks is not None else None))
             offset += info.size
         record.state = UploadState.COMMITTING
         await self._put_record(durable, lease)
         manifest = Manifest(
             key=record.key, version=record.version, size=offset, content_type=record.content_type,
             created=datetime.now(timezone.utc).replace(microsecond=0), chunk_size=record.chunk_size,
-            chunks=tuple(refs), extra={"upload": record.id},
+            chunks=tuple(refs), extra={"upload": record.id}, block_size=self.store.options.block_size,
         )
         async with self.locks.hold(record.key, owner=f"tus-commit {record.id}", timeout=self.options.lock_timeout) as key_lease:
             lease.check()
@@ -758,6 +767,8 @@ class _Append:
             if isinstance(result, ChunkRef) and ok:
                 if index >= len(self.durable.chunks):
                     self.durable.record.hashes[index] = result.sha256 or ""
+                    if result.blocks is not None:
+                        self.durable.record.blocks[index] = list(result.blocks)
                     ck = keys.chunk_key(self.durable.record.key, self.durable.record.version, index)
                     self.durable.chunks.append(ObjectInfo(ck, result.size, "", datetime.now(timezone.utc)))
             elif isinstance(result, ChunkRef):
