@@ -79,8 +79,7 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
 
     app = web.Application(
         middlewares=[
-            request_id_middleware,
-            metrics.middleware(),
+            observe_middleware(metrics),
             cors_middleware(cfg.cors_origins),
             error_middleware,
             auth_middleware(cfg.auth_token, cfg.signing_key),
@@ -204,33 +203,42 @@ async def admin_locks(request: web.Request) -> web.Response:
     return web.json_response(request.app["store"].locks.snapshot())
 
 
-@web.middleware
-async def request_id_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    rid = request.headers.get("X-Request-Id", "")
-    if not rid or len(rid) > 128 or not rid.isprintable():
-        rid = uuid.uuid4().hex
-    request["request_id"] = rid
-    t0 = time.perf_counter()
-    status = 500
-    request.app["inflight"] += 1
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        exc.headers["X-Request-Id"] = rid
-        raise
-    finally:
-        request.app["inflight"] -= 1
-        access_log.info(
-            "%s %s %s %d %d %.4f",
-            request.remote, request.method, _loggable_target(request), status,
-            request.get("chunkgate.bytes_sent", 0), time.perf_counter() - t0,
-            extra={"request_id": rid, "method": request.method, "path": request.path, "status": status,
-                   "bytes_sent": request.get("chunkgate.bytes_sent", 0), "duration_s": round(time.perf_counter() - t0, 6),
-                   "remote": request.remote},
-        )
+def observe_middleware(metrics: Metrics) -> Any:
+    """The one place a request is observed: its id (a client's X-Request-Id, or a new one), the
+    in-flight count serve drains on SIGTERM, and — once answered — its metrics and its access
+    log line, both from the same status and duration."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        rid = request.headers.get("X-Request-Id", "")
+        if not rid or len(rid) > 128 or not rid.isprintable():
+            rid = uuid.uuid4().hex
+        request["request_id"] = rid
+        t0 = time.perf_counter()
+        status = 500
+        request.app["inflight"] += 1
+        metrics.http_in_flight.inc()
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            exc.headers["X-Request-Id"] = rid
+            raise
+        finally:
+            seconds = time.perf_counter() - t0
+            request.app["inflight"] -= 1
+            metrics.http_in_flight.dec()
+            metrics.request_done(request, status, seconds)
+            sent = request.get("chunkgate.bytes_sent", 0)
+            access_log.info(
+                "%s %s %s %d %d %.4f", request.remote, request.method, _loggable_target(request), status, sent, seconds,
+                extra={"request_id": rid, "method": request.method, "path": request.path, "status": status,
+                       "bytes_sent": sent, "duration_s": round(seconds, 6), "remote": request.remote},
+            )
+
+    return middleware
 
 
 def _loggable_target(request: web.Request) -> str:

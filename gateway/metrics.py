@@ -111,34 +111,17 @@ class Metrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
-    def middleware(self) -> Any:
-        metrics = self
-
-        @web.middleware
-        async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-            route = _route_of(request)
-            t0 = time.perf_counter()
-            metrics.http_in_flight.inc()
-            status = 500
-            try:
-                response = await handler(request)
-                status = response.status
-                return response
-            except web.HTTPException as exc:
-                status = exc.status
-                raise
-            finally:
-                metrics.http_in_flight.dec()
-                metrics.http_requests.labels(request.method, route, str(status)).inc()
-                metrics.http_duration.labels(request.method, route).observe(time.perf_counter() - t0)
-                sent = request.get("chunkgate.bytes_sent", 0)
-                if sent:
-                    metrics.http_response_bytes.labels(route).inc(sent)
-                received = request.get("chunkgate.bytes_received", 0)
-                if received:
-                    metrics.http_request_bytes.labels(route).inc(received)
-
-        return metrics_middleware
+    def request_done(self, request: web.Request, status: int, seconds: float) -> None:
+        """Record one answered request (called by the gateway's one observation middleware)."""
+        route = _route_of(request)
+        self.http_requests.labels(request.method, route, str(status)).inc()
+        self.http_duration.labels(request.method, route).observe(seconds)
+        sent = request.get("chunkgate.bytes_sent", 0)
+        if sent:
+            self.http_response_bytes.labels(route).inc(sent)
+        received = request.get("chunkgate.bytes_received", 0)
+        if received:
+            self.http_request_bytes.labels(route).inc(received)
 
 
 def _route_of(request: web.Request) -> str:
