@@ -241,3 +241,20 @@ async def test_conditional_puts_hold_across_processes(store: FsBackend) -> None:
         await asyncio.to_thread(pool.starmap, _increment_in_process, [(store.root, 20)] * 4)
     assert sum(wins) == 1
     assert (await store.get("counter")).data == b"80"
+
+
+async def test_concurrent_deletes_in_one_directory_never_fail(tmp_path) -> None:
+    # Deleting the last files of a directory prunes it; the other deleters must not trip over
+    # the vanished directory (gc deletes a version's chunks concurrently).
+    import asyncio
+
+    from storage.backends.fs import FsBackend
+
+    backend = FsBackend(tmp_path / "root", max_workers=8)
+    for round_ in range(20):
+        names = [f"c/ab/v{round_}/{i:08d}" for i in range(16)]
+        for n in names:
+            await backend.put(n, b"x")
+        await asyncio.gather(*(backend.delete(n) for n in names))
+        assert [i.key async for i in backend.list("c/")] == []
+    await backend.close()

@@ -99,7 +99,8 @@ class Backend(Protocol):
         """Return bytes ``[start, end)`` of the value (``end=None``: to the end).
 
         ``end`` past the value's size is clamped; ``start`` at or past the size returns empty
-        data. Raises ``NotFound``. The returned ``Blob.size`` is the whole value's size, so
+        data; ``start < 0`` or ``end < start`` raise ``ValueError`` (an S3 server would silently
+        send the whole value). Raises ``NotFound``. The returned ``Blob.size`` is the whole value's size, so
         a caller can check it without reading everything. A short read from the store is
         never returned as success: it raises ``TransientError``.
         """
@@ -117,6 +118,12 @@ class Backend(Protocol):
         """Yield every key starting with ``prefix``, in ascending order of their UTF-8 bytes,
         beginning after ``start_after`` when given. Pages lazily; consistent enough for gc and
         listing (keys added or removed during the walk may or may not appear)."""
+        ...
+
+    async def check(self) -> None:
+        """Raise ``PermanentError`` (or ``TransientError`` when unreachable) with a clear message
+        if the store cannot be used: missing bucket or root, bad credentials, no write access.
+        Used at startup and by ``/readyz``."""
         ...
 
     async def close(self) -> None:

@@ -299,7 +299,10 @@ class FsBackend:
                 os.unlink(path)
         except FileNotFoundError:
             return
-        _fsync_dir(dirpath)
+        try:
+            _fsync_dir(dirpath)
+        except FileNotFoundError:
+            return  # a concurrent delete already pruned the emptied directory: nothing left to sync
         # Prune now-empty directories, best effort; a put racing us recreates what it needs.
         while dirpath != self.root:
             try:
