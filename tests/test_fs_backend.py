@@ -78,7 +78,7 @@ long_segment = st.builds(
 )
 segment = st.one_of(segment_text, long_segment)
 keys = st.lists(segment, min_size=1, max_size=4).map("/".join).filter(
-    lambda k: len(k.encode("utf-8")) <= 1024 and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in k)
+    lambda k: len(k.encode("utf-8")) <= 1024 and not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in k)
 )
 
 
