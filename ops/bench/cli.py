@@ -14,22 +14,28 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections import Counter
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from gateway.config import parse_size
 from ops.bench import procs
 from ops.bench.measure import MiB
-from ops.bench.scenarios import BY_NUMBER, GiB, NEEDS_STORE, SCENARIOS, BenchConfig, Context
+from ops.bench.scenarios import (
+    BY_NUMBER,
+    NEEDS_STORE,
+    SCENARIOS,
+    BenchConfig,
+    Context,
+    GiB,
+)
 
 RESULTS_DIR = procs.REPO_ROOT / "ops" / "bench" / "results"
 
@@ -66,7 +72,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None, help="result directory (default ops/bench/results/<time>)")
     parser.add_argument("--no-charts", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="record the gateway with py-spy (collapsed stacks)")
+    parser.add_argument("--profile", action="store_true", help="record the gateway with py-spy during each timed section (collapsed stacks + top frames in the result)")
     parser.add_argument("--gateway-arg", action="append", default=[], help="extra argument for chunkgate serve")
     parser.add_argument("--redraw", type=Path, default=None, help="only redraw the charts of a saved result.json")
     return parser.parse_args(argv)
@@ -131,27 +137,6 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _profile_summary(raw: Path, top: int = 20) -> dict[str, Any]:
-    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
-    own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    total = 0
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = stack.split(";")
-        total += count
-        own[frames[-1]] += count
-        for frame in set(frames):
-            inclusive[frame] += count
-    share = lambda c: round(100.0 * c / total, 1) if total else 0.0  # noqa: E731
-    return {"samples": total,
-            "self_percent": [[f, share(c)] for f, c in own.most_common(top)],
-            "inclusive_percent": [[f, share(c)] for f, c in inclusive.most_common(top)]}
-
-
 def _summary_lines(result: dict[str, Any]) -> list[str]:
     lines = ["", "comparison                                   chunkgate        peer   ratio  goal     met"]
     for c in result["comparisons"]:
@@ -170,11 +155,10 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
 def run(cfg: BenchConfig, ns: argparse.Namespace, out: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(),
                               "config": asdict(cfg), "scenarios": {}, "errors": {}}
-    log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="chunkgate-bench-"))
     shm = Path("/dev/shm")
     datadir = Path(tempfile.mkdtemp(prefix="chunkgate-bench-data-", dir=shm if shm.is_dir() else None))
-    profiler: subprocess.Popen[bytes] | None = None
     try:
         with ExitStack() as stack:
             ctx = Context(cfg=cfg, workdir=workdir, datadir=datadir, stack=stack)
@@ -191,9 +175,7 @@ def run(cfg: BenchConfig, ns: argparse.Namespace, out: Path) -> dict[str, Any]:
                 stack.callback(ctx._gateway.stop)
                 log(f"SeaweedFS {ctx.store.url}, chunkgate {ctx.gateway.url} (pid {ctx.gateway.pid})")
                 if ns.profile:
-                    profiler = subprocess.Popen(["py-spy", "record", "--pid", str(ctx.gateway.pid), "--rate", "200", "--nonblocking",
-                                                 "--format", "raw", "-o", str(out / "profile.txt")],
-                                                stdout=subprocess.DEVNULL, stderr=open(workdir / "py-spy.log", "wb"))
+                    ctx.profile_dir = out
             for name in cfg.scenarios:
                 log(f"scenario {name}")
                 started = time.perf_counter()
@@ -203,19 +185,14 @@ def run(cfg: BenchConfig, ns: argparse.Namespace, out: Path) -> dict[str, Any]:
                     result["errors"][name] = "".join(traceback.format_exception(exc))
                     log(f"scenario {name} FAILED: {exc!r}")
                 log(f"scenario {name} took {time.perf_counter() - started:.1f}s")
-            if profiler is not None:
-                profiler.send_signal(signal.SIGINT)
-                profiler.wait(60)
-                if (out / "profile.txt").exists():
-                    result["profile"] = _profile_summary(out / "profile.txt")
+            if ctx.profiles:
+                result["profiles"] = ctx.profiles
             result["comparisons"] = [c.to_json() for c in ctx.comparisons]
             result["targets"] = [t.to_json() for t in ctx.targets]
             result["checks"] = ctx.checks
             if ctx._gateway is not None and any("Traceback" in line for line in ctx.gateway.log_tail(2000).splitlines()):
                 result["gateway_log_has_tracebacks"] = True
     finally:
-        if profiler is not None and profiler.poll() is None:
-            profiler.kill()
         shutil.rmtree(datadir, ignore_errors=True)
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,10 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Self
 
 import psutil
 import urllib3
@@ -37,6 +38,8 @@ def curl_get(url: str, *, output: str = "/dev/null", expect_bytes: int | None = 
     if done.returncode != 0:
         raise BenchFailure(f"curl GET {url} failed ({done.returncode}): {done.stderr.strip()}")
     status, size, seconds = done.stdout.split()
+    if status not in ("200", "206"):
+        raise BenchFailure(f"GET {url}: status {status}")
     if expect_bytes is not None and int(size) != expect_bytes:
         raise BenchFailure(f"GET {url}: {size} bytes, expected {expect_bytes}")
     return float(seconds)
@@ -156,7 +159,7 @@ class RssSampler:
             self.series.append((time.perf_counter() - self._t0, rss))
             self._stop.wait(self._interval)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

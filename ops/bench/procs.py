@@ -22,7 +22,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import boto3
 from botocore.config import Config
@@ -115,14 +115,11 @@ def _spawn(name: str, cmd: list[str], workdir: Path, *, env: dict[str, str] | No
     log_path = workdir / f"{name}.log"
     full_env = {k: v for k, v in os.environ.items() if k not in drop_env}
     full_env.update(env or {})
-    log: IO[bytes] = open(log_path, "wb")
-    try:
+    with open(log_path, "wb") as log:  # the child keeps its own descriptor
         popen = subprocess.Popen(
             cmd, stdout=subprocess.PIPE if stdout_pipe else log, stderr=log, env=full_env,
             cwd=str(cwd or workdir), start_new_session=True,
         )
-    finally:
-        log.close()  # the child holds its own descriptor
     return Proc(name, popen, log_path)
 
 
@@ -163,8 +160,7 @@ def _drain_in_background(proc: Proc) -> None:
     def drain() -> None:
         assert proc.popen.stdout is not None
         with open(proc.log_path, "ab") as log:
-            for line in proc.popen.stdout:
-                log.write(line)
+            log.writelines(proc.popen.stdout)
 
     threading.Thread(target=drain, name=f"drain-{proc.name}", daemon=True).start()
 

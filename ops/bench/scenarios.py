@@ -11,15 +11,18 @@ from __future__ import annotations
 import asyncio
 import json
 import mmap
-import os
 import random
 import re
+import signal
+import subprocess
 import time
 import uuid
-from contextlib import ExitStack
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import urllib3
 
@@ -115,6 +118,8 @@ class Context:
     comparisons: list[Comparison] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     checks: dict[str, bool] = field(default_factory=dict)
+    profile_dir: Path | None = None
+    profiles: dict[str, Any] = field(default_factory=dict)
     _files: dict[int, Path] = field(default_factory=dict)
 
     @property
@@ -172,9 +177,56 @@ class Context:
     def raw_put(self, key: str, size: int) -> None:
         boto3_upload(self.s3, self.raw_bucket, key, self.data_file(size))
 
+    @contextmanager
+    def profiled(self, name: str) -> Iterator[None]:
+        """With ``--profile``: py-spy records the gateway for the timed section only (never the
+        untimed preparation), and the top frames go into the result under ``profiles``."""
+        if self.profile_dir is None:
+            yield
+            return
+        raw = self.profile_dir / f"profile-{name}.txt"
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(self.gateway.pid), "--rate", "200", "--nonblocking",
+                                "--format", "raw", "-o", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # py-spy needs a moment to attach
+        try:
+            yield
+        finally:
+            spy.send_signal(signal.SIGINT)
+            try:
+                spy.wait(60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+            if raw.exists():
+                self.profiles[name] = profile_summary(raw)
+
     def check(self, name: str, ok: bool) -> None:
         """Record a byte check; one failure anywhere makes the named check false for the run."""
         self.checks[name] = self.checks.get(name, True) and bool(ok)
+
+
+def profile_summary(raw: Path, top: int = 25) -> dict[str, Any]:
+    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+
+    def share(count: int) -> float:
+        return round(100.0 * count / total, 1) if total else 0.0
+
+    return {"file": raw.name, "samples": total,
+            "self_percent": [[f, share(c)] for f, c in own.most_common(top)],
+            "inclusive_percent": [[f, share(c)] for f, c in inclusive.most_common(top)]}
 
 
 def _key(prefix: str) -> str:
@@ -212,7 +264,8 @@ def cold_get(ctx: Context) -> dict[str, Any]:
         ours.values.append(mib_per_s(size, curl_get(ctx.gw_url(gw_keys[rep]), expect_bytes=size)))
         read_ratio.append((ctx.metric(BYTES_READ) - before) / size)
 
-    alternate(cfg.reps, peer, mine)
+    with ctx.profiled("cold"):
+        alternate(cfg.reps, peer, mine)
     _compare(ctx, "cold GET vs boto3", "MiB/s", ours, boto, "boto3 download_fileobj", 1.0)
     _compare(ctx, "cold GET vs curl from store", "MiB/s", ours, curl_direct, "curl straight from SeaweedFS", None)
     return {"size": size, "chunkgate_curl": ours.to_json(), "boto3_download_fileobj": boto.to_json(),
@@ -233,9 +286,10 @@ def warm_get(ctx: Context) -> dict[str, Any]:
     ours, bare = Series("MiB/s"), Series("MiB/s")
     misses_before = ctx.metric(CACHE_MISSES)
     try:
-        alternate(cfg.reps,
-                  lambda rep: bare.values.append(mib_per_s(size, curl_get(mem.url + "/x", expect_bytes=size))),
-                  lambda rep: ours.values.append(mib_per_s(size, curl_get(ctx.gw_url(key), expect_bytes=size))))
+        with ctx.profiled("warm"):
+            alternate(cfg.reps,
+                      lambda rep: bare.values.append(mib_per_s(size, curl_get(mem.url + "/x", expect_bytes=size))),
+                      lambda rep: ours.values.append(mib_per_s(size, curl_get(ctx.gw_url(key), expect_bytes=size))))
     finally:
         mem.stop()
     misses = ctx.metric(CACHE_MISSES) - misses_before
@@ -290,7 +344,8 @@ def viewer_storm(ctx: Context) -> dict[str, Any]:
         ours_warm.values.append(mib_per_s(total, curl_storm(ctx.gw_url(gw_keys[rep]), readers, size)))
 
     try:
-        alternate(cfg.reps, peer, mine)
+        with ctx.profiled("storm"):
+            alternate(cfg.reps, peer, mine)
     finally:
         nginx.stop()
     # The chunk data itself plus one manifest read per object: anything above ~1.0 is a
@@ -322,10 +377,31 @@ def _latency(values: list[float]) -> dict[str, Any]:
             "p99": round(percentile(values, 99), 3), "mean": round(sum(values) / len(values), 3)}
 
 
+def _seek_ours(ctx: Context, data: mmap.mmap, key: str, cold_at: int, warm_at: int,
+               cold_ms: list[float], warm_ms: list[float]) -> None:
+    span = ctx.cfg.seek_bytes
+    # A player seeks in an object it is already playing: its manifest is known (and cached for
+    # a second); the chunk under the new position is what is cold.
+    if ctx.pool.request("HEAD", ctx.gw_url(key)).status != 200:
+        raise BenchFailure(f"HEAD {key} failed")
+    for sink, offset in ((cold_ms, cold_at), (warm_ms, warm_at)):
+        ms, body, status = _timed_range(ctx.pool, ctx.gw_url(key), offset, span)
+        ctx.check("seek_bytes_exact", status == 206 and body == data[offset : offset + span])
+        sink.append(ms)
+
+
+def _seek_direct(ctx: Context, data: mmap.mmap, raw_key: str, offset: int) -> float:
+    span = ctx.cfg.seek_bytes
+    ms, body, status = _timed_range(ctx.pool, ctx.raw_url(raw_key), offset, span)
+    ctx.check("seek_bytes_exact", status == 206 and body == data[offset : offset + span])
+    return ms
+
+
 def seek_probe(ctx: Context) -> dict[str, Any]:
     """Cold 64 KiB seeks: every probe lands in a chunk no earlier probe touched (fresh objects as
     needed), so each one pays whatever the gateway's cold path costs. Right after each cold probe
-    a second one in the same chunk measures the warm (cache-hit) seek too. The object's manifest
+    a second one elsewhere in the same chunk shows what a viewer's next seek nearby costs (a
+    cache hit if the first seek cached the chunk; the cache hit/miss counts say which). The object's manifest
     is warm (a HEAD just before), as it is for a player seeking in what it plays."""
     cfg, size, span, chunk = ctx.cfg, ctx.cfg.seek_size, ctx.cfg.seek_bytes, ctx.cfg.chunk_size
     per_object = size // chunk
@@ -346,41 +422,31 @@ def seek_probe(ctx: Context) -> dict[str, Any]:
     warm_ms: list[float] = []
     direct_ms: list[float] = []
     hits0, misses0, read0 = ctx.metric(CACHE_HITS), ctx.metric(CACHE_MISSES), ctx.metric(BYTES_READ)
-    with open(ctx.data_file(size), "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+    with open(ctx.data_file(size), "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data, \
+            ctx.profiled("seek"):
         for n, (key, cold_at, warm_at) in enumerate(probes):
-            def ours() -> None:
-                # A player seeks in an object it is already playing: its manifest is known (and
-                # cached for a second); the chunk under the new position is what is cold.
-                if ctx.pool.request("HEAD", ctx.gw_url(key)).status != 200:
-                    raise BenchFailure(f"HEAD {key} failed")
-                for sink, offset in ((cold_ms, cold_at), (warm_ms, warm_at)):
-                    ms, body, status = _timed_range(ctx.pool, ctx.gw_url(key), offset, span)
-                    ctx.check("seek_bytes_exact", status == 206 and body == data[offset : offset + span])
-                    sink.append(ms)
-
-            def direct() -> None:
-                ms, body, status = _timed_range(ctx.pool, ctx.raw_url(raw_key), cold_at, span)
-                ctx.check("seek_bytes_exact", status == 206 and body == data[cold_at : cold_at + span])
-                direct_ms.append(ms)
-
-            for run in (ours, direct) if n % 2 == 0 else (direct, ours):
-                run()
+            if n % 2 == 0:
+                _seek_ours(ctx, data, key, cold_at, warm_at, cold_ms, warm_ms)
+                direct_ms.append(_seek_direct(ctx, data, raw_key, cold_at))
+            else:
+                direct_ms.append(_seek_direct(ctx, data, raw_key, cold_at))
+                _seek_ours(ctx, data, key, cold_at, warm_at, cold_ms, warm_ms)
     hits, misses = ctx.metric(CACHE_HITS) - hits0, ctx.metric(CACHE_MISSES) - misses0
     read = ctx.metric(BYTES_READ) - read0
     for q in (50, 99):
         ctx.comparisons.append(Comparison(f"seek p{q} cold vs direct ranged GET", f"p{q} ms", percentile(cold_ms, q),
                                           percentile(direct_ms, q), "ranged GET straight from SeaweedFS (urllib3)",
                                           1.5, higher_is_better=False))
-    ctx.comparisons.append(Comparison("seek p50 warm vs direct ranged GET", "p50 ms", percentile(warm_ms, 50),
+    ctx.comparisons.append(Comparison("seek p50 same-chunk repeat vs direct", "p50 ms", percentile(warm_ms, 50),
                                       percentile(direct_ms, 50), "ranged GET straight from SeaweedFS (urllib3)",
                                       0.0, higher_is_better=False, note="(informational, no goal)"))
     return {"object_size": size, "objects": len(gw_keys), "range_bytes": span, "probes": len(probes),
             "manifest_warm": True,
-            "chunkgate_cold": _latency(cold_ms), "chunkgate_warm": _latency(warm_ms), "direct": _latency(direct_ms),
+            "chunkgate_cold": _latency(cold_ms), "chunkgate_same_chunk_repeat": _latency(warm_ms), "direct": _latency(direct_ms),
             "chunkgate_cache_hits": hits, "chunkgate_cache_misses": misses,
             "chunkgate_store_bytes_read_per_cold_probe": round(read / len(probes)),
             "store_cost": store_cost(ctx),
-            "samples_ms": {"chunkgate": [round(v, 3) for v in cold_ms], "chunkgate_warm": [round(v, 3) for v in warm_ms],
+            "samples_ms": {"chunkgate": [round(v, 3) for v in cold_ms], "chunkgate_same_chunk_repeat": [round(v, 3) for v in warm_ms],
                            "direct": [round(v, 3) for v in direct_ms]}}
 
 
@@ -396,16 +462,10 @@ def store_cost(ctx: Context) -> dict[str, Any]:
     for n in range(cfg.store_probes):
         key = keys[n % len(keys)]
         start = rng.randrange(0, chunk - span)
-        runs: list[tuple[str, Callable[[], int]]] = [
-            ("boto3_ranged", lambda: len(ctx.s3.get_object(Bucket=ctx.raw_bucket, Key=key,
-                                                           Range=f"bytes={start}-{start + span - 1}")["Body"].read())),
-            ("boto3_whole", lambda: len(ctx.s3.get_object(Bucket=ctx.raw_bucket, Key=key)["Body"].read())),
-            ("http_ranged", lambda: len(_timed_range(ctx.pool, ctx.raw_url(key), start, span)[1])),
-            ("http_whole", lambda: len(ctx.pool.request("GET", ctx.raw_url(key)).data)),
-        ]
-        for name, run in runs if n % 2 == 0 else runs[::-1]:
+        names = list(timings)
+        for name in names if n % 2 == 0 else names[::-1]:
             t0 = time.perf_counter()
-            got = run()
+            got = _store_get(ctx, name, key, start, span)
             timings[name].append((time.perf_counter() - t0) * 1000.0)
             ctx.check("store_cost_sizes", got == (span if name.endswith("ranged") else chunk))
     doc: dict[str, Any] = {"chunk_bytes": chunk, "range_bytes": span, "probes": cfg.store_probes}
@@ -417,6 +477,17 @@ def store_cost(ctx: Context) -> dict[str, Any]:
     return doc
 
 
+def _store_get(ctx: Context, how: str, key: str, start: int, span: int) -> int:
+    """One timed store read for ``store_cost``; returns the bytes received."""
+    if how == "boto3_ranged":
+        return len(ctx.s3.get_object(Bucket=ctx.raw_bucket, Key=key, Range=f"bytes={start}-{start + span - 1}")["Body"].read())
+    if how == "boto3_whole":
+        return len(ctx.s3.get_object(Bucket=ctx.raw_bucket, Key=key)["Body"].read())
+    if how == "http_ranged":
+        return len(_timed_range(ctx.pool, ctx.raw_url(key), start, span)[1])
+    return len(ctx.pool.request("GET", ctx.raw_url(key)).data)
+
+
 # ------------------------------------------------------------------------------ 5. PUT
 def put_object(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
@@ -424,43 +495,49 @@ def put_object(ctx: Context) -> dict[str, Any]:
     out: dict[str, Any] = {"rss_limit_bytes": limit, "sizes": {}}
     for size in cfg.put_sizes:
         label = f"{size // MiB}MiB"
-        ours_put, boto_put, ours_get, boto_get = (Series("MiB/s") for _ in range(4))
-        growth: list[int] = []
-        rss_series: list[list[tuple[float, int]]] = []
-        expected = ctx.sha(size)
-        scratch = ctx.datadir / "get-target"
-
-        def peer(rep: int) -> None:
-            key = _key(f"put-raw-{label}-{rep}")
-            boto_put.values.append(mib_per_s(size, boto3_upload(ctx.s3, ctx.raw_bucket, key, ctx.data_file(size))))
-            with open(scratch, "wb") as sink:
-                seconds, _ = boto3_download(ctx.s3, ctx.raw_bucket, key, sink=sink)
-            ctx.check("put_get_sha256", sha256_file(scratch) == expected)
-            scratch.unlink()
-            boto_get.values.append(mib_per_s(size, seconds))
-            ctx.s3.delete_object(Bucket=ctx.raw_bucket, Key=key)
-
-        def mine(rep: int) -> None:
-            key = _key(f"put-{label}-{rep}")
-            with RssSampler(ctx.gateway.pid) as rss:
-                doc = ctx.gw_put(key, size)
-            growth.append(rss.growth)
-            rss_series.append([(round(t, 3), v - rss.baseline) for t, v in rss.series])
-            ours_put.values.append(mib_per_s(size, doc["_seconds"]))
-            ours_get.values.append(mib_per_s(size, curl_get(ctx.gw_url(key), output=str(scratch), expect_bytes=size)))
-            ctx.check("put_get_sha256", sha256_file(scratch) == expected)
-            scratch.unlink()
-            ctx.pool.request("DELETE", ctx.gw_url(key))
-
-        alternate(cfg.reps, peer, mine)
-        _compare(ctx, f"PUT {label} vs boto3", "MiB/s", ours_put, boto_put, "boto3 upload_fileobj", 1.0)
-        _compare(ctx, f"GET {label} after PUT vs boto3", "MiB/s", ours_get, boto_get, "boto3 download_fileobj", 1.0)
-        ctx.targets.append(Target(f"PUT {label} peak RSS growth", "bytes (worst run)", float(max(growth)), float(limit),
-                                  False, f"(N+2) x chunk + 64 MiB with N={cfg.write_concurrency}"))
-        out["sizes"][label] = {"size": size, "chunkgate_put": ours_put.to_json(), "boto3_upload_fileobj": boto_put.to_json(),
-                               "chunkgate_get": ours_get.to_json(), "boto3_download_fileobj": boto_get.to_json(),
-                               "rss_growth_bytes": growth, "rss_series": rss_series}
+        doc = _put_one_size(ctx, size, label)
+        ctx.targets.append(Target(f"PUT {label} peak RSS growth", "bytes (worst run)", float(max(doc["rss_growth_bytes"])),
+                                  float(limit), False, f"(N+2) x chunk + 64 MiB with N={cfg.write_concurrency}"))
+        out["sizes"][label] = doc
     return out
+
+
+def _put_one_size(ctx: Context, size: int, label: str) -> dict[str, Any]:
+    ours_put, boto_put, ours_get, boto_get = (Series("MiB/s") for _ in range(4))
+    growth: list[int] = []
+    rss_series: list[list[tuple[float, int]]] = []
+    expected = ctx.sha(size)
+    scratch = ctx.datadir / "get-target"  # tmpfs: both sides pay the same write
+
+    def peer(rep: int) -> None:
+        key = _key(f"put-raw-{label}-{rep}")
+        boto_put.values.append(mib_per_s(size, boto3_upload(ctx.s3, ctx.raw_bucket, key, ctx.data_file(size))))
+        with open(scratch, "wb") as sink:
+            seconds, _ = boto3_download(ctx.s3, ctx.raw_bucket, key, sink=sink)
+        ctx.check("put_get_sha256", sha256_file(scratch) == expected)
+        scratch.unlink()
+        boto_get.values.append(mib_per_s(size, seconds))
+        ctx.s3.delete_object(Bucket=ctx.raw_bucket, Key=key)
+
+    def mine(rep: int) -> None:
+        key = _key(f"put-{label}-{rep}")
+        with RssSampler(ctx.gateway.pid) as rss:
+            doc = ctx.gw_put(key, size)
+        growth.append(rss.growth)
+        rss_series.append([(round(t, 3), v - rss.baseline) for t, v in rss.series])
+        ours_put.values.append(mib_per_s(size, doc["_seconds"]))
+        ours_get.values.append(mib_per_s(size, curl_get(ctx.gw_url(key), output=str(scratch), expect_bytes=size)))
+        ctx.check("put_get_sha256", sha256_file(scratch) == expected)
+        scratch.unlink()
+        ctx.pool.request("DELETE", ctx.gw_url(key))
+
+    with ctx.profiled(f"put-{label}"):
+        alternate(ctx.cfg.reps, peer, mine)
+    _compare(ctx, f"PUT {label} vs boto3", "MiB/s", ours_put, boto_put, "boto3 upload_fileobj", 1.0)
+    _compare(ctx, f"GET {label} after PUT vs boto3", "MiB/s", ours_get, boto_get, "boto3 download_fileobj", 1.0)
+    return {"size": size, "chunkgate_put": ours_put.to_json(), "boto3_upload_fileobj": boto_put.to_json(),
+            "chunkgate_get": ours_get.to_json(), "boto3_download_fileobj": boto_get.to_json(),
+            "rss_growth_bytes": growth, "rss_series": rss_series}
 
 
 # ------------------------------------------------------------------------------ 6. tus
@@ -502,7 +579,8 @@ def tus_upload(ctx: Context) -> dict[str, Any]:
         ctx.pool.request("DELETE", ctx.gw_url(key))
 
     try:
-        alternate(cfg.reps, peer, mine)
+        with ctx.profiled("tus"):
+            alternate(cfg.reps, peer, mine)
     finally:
         peer_proc.stop()
     _compare(ctx, "tus vs @tus/server", "MiB/s", ours, tusd_js, "@tus/server + @tus/s3-store (tuspy client)", 2.5)
