@@ -66,6 +66,7 @@ class BenchConfig:
     seek_size: int = 256 * MiB
     seeks: int = 200
     seek_bytes: int = 64 * KiB
+    block_bytes: int = 1 * MiB  # the manifest's verified block (storage.manifest)
     store_probes: int = 100
     put_sizes: list[int] = field(default_factory=lambda: [256 * MiB])
     tus_size: int = 512 * MiB
@@ -458,34 +459,45 @@ def store_cost(ctx: Context) -> dict[str, Any]:
     for key in keys:
         ctx.raw_put(key, chunk)
     rng = random.Random(cfg.seed + 1)
-    timings: dict[str, list[float]] = {"boto3_ranged": [], "boto3_whole": [], "http_ranged": [], "http_whole": []}
+    block = cfg.block_bytes
+    # ranged: the 64 KiB a player asks for; block: the aligned verified block the gateway fetches
+    # for it (manifests record a SHA-256 per block); whole: the whole chunk.
+    timings: dict[str, list[float]] = {f"{client}_{what}": [] for client in ("boto3", "http")
+                                       for what in ("ranged", "block", "whole")}
     for n in range(cfg.store_probes):
         key = keys[n % len(keys)]
         start = rng.randrange(0, chunk - span)
         names = list(timings)
         for name in names if n % 2 == 0 else names[::-1]:
             t0 = time.perf_counter()
-            got = _store_get(ctx, name, key, start, span)
+            if name.endswith("ranged"):
+                got, want = _store_get(ctx, name, key, start, span), span
+            elif name.endswith("block"):
+                got, want = _store_get(ctx, name, key, start // block * block, block), block
+            else:
+                got, want = _store_get(ctx, name, key, 0, chunk), chunk
             timings[name].append((time.perf_counter() - t0) * 1000.0)
-            ctx.check("store_cost_sizes", got == (span if name.endswith("ranged") else chunk))
-    doc: dict[str, Any] = {"chunk_bytes": chunk, "range_bytes": span, "probes": cfg.store_probes}
+            ctx.check("store_cost_sizes", got == want)
+    doc: dict[str, Any] = {"chunk_bytes": chunk, "block_bytes": block, "range_bytes": span, "probes": cfg.store_probes}
     for name, values in timings.items():
         doc[name] = _latency(values)
     for client in ("boto3", "http"):
-        doc[f"{client}_whole_over_ranged_p50"] = round(
-            percentile(timings[f"{client}_whole"], 50) / percentile(timings[f"{client}_ranged"], 50), 2)
+        for what in ("block", "whole"):
+            doc[f"{client}_{what}_over_ranged_p50"] = round(
+                percentile(timings[f"{client}_{what}"], 50) / percentile(timings[f"{client}_ranged"], 50), 2)
     return doc
 
 
 def _store_get(ctx: Context, how: str, key: str, start: int, span: int) -> int:
     """One timed store read for ``store_cost``; returns the bytes received."""
-    if how == "boto3_ranged":
+    whole = how.endswith("whole")
+    if how.startswith("boto3"):
+        if whole:
+            return len(ctx.s3.get_object(Bucket=ctx.raw_bucket, Key=key)["Body"].read())
         return len(ctx.s3.get_object(Bucket=ctx.raw_bucket, Key=key, Range=f"bytes={start}-{start + span - 1}")["Body"].read())
-    if how == "boto3_whole":
-        return len(ctx.s3.get_object(Bucket=ctx.raw_bucket, Key=key)["Body"].read())
-    if how == "http_ranged":
-        return len(_timed_range(ctx.pool, ctx.raw_url(key), start, span)[1])
-    return len(ctx.pool.request("GET", ctx.raw_url(key)).data)
+    if whole:
+        return len(ctx.pool.request("GET", ctx.raw_url(key)).data)
+    return len(_timed_range(ctx.pool, ctx.raw_url(key), start, span)[1])
 
 
 # ------------------------------------------------------------------------------ 5. PUT
