@@ -134,6 +134,7 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(), "python": platform.python_version(), "packages": packages,
         "weed": _version(["weed", "version"]), "nginx": _version(["nginx", "-v"]), "curl": _version(["curl", "--version"]),
         "node": _version(["node", "--version"]), "tus_peer": tus_versions, "load_average_start": os.getloadavg(),
+        "git_commit": _version(["git", "-C", str(procs.REPO_ROOT), "rev-parse", "HEAD"]),
     }
 
 
