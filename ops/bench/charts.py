@@ -36,7 +36,7 @@ def ratios(result: dict[str, Any], path: Path) -> Path:
     rows = [c for c in result.get("comparisons", [])]
     fig, ax = plt.subplots(figsize=(9, 0.45 * max(len(rows), 1) + 1.5))
     for y, row in enumerate(rows):
-        informational = "informational" in row.get("note", "")
+        informational = row["met"] is None
         colour = "0.6" if informational else ("tab:green" if row["met"] else "tab:red")
         ax.barh(y, row["ratio"], color=colour)
         if not informational:
@@ -45,7 +45,7 @@ def ratios(result: dict[str, Any], path: Path) -> Path:
     ax.set_yticks(range(len(rows)), [r["name"] for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(1.0, color="0.3", linestyle=":", linewidth=1)
-    ax.set_xlabel("chunkgate / peer (black tick = goal; latency rows: lower is better)")
+    ax.set_xlabel("chunkgate / peer (black tick = goal, grey = no goal; latency rows: lower is better)")
     ax.set_title("chunkgate against peers, same run, same SeaweedFS")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -139,11 +139,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def _summary_lines(result: dict[str, Any]) -> list[str]:
-    lines = ["", "comparison                                   chunkgate        peer   ratio  goal     met"]
+    lines = ["", "comparison                                   chunkgate        peer    ratio  goal     met"]
     for c in result["comparisons"]:
-        met = "-" if "informational" in c["note"] else ("yes" if c["met"] else "NO")
-        goal = "" if met == "-" else c["goal_text"]
-        lines.append(f"{c['name'][:44]:44} {c['chunkgate']:>10.2f} {c['peer']:>10.2f} {c['ratio']:>6.2f}x {goal:8} {met}")
+        met = "-" if c["met"] is None else ("yes" if c["met"] else "NO")
+        lines.append(f"{c['name'][:44]:44} {c['chunkgate']:>10.2f} {c['peer']:>10.2f} {c['ratio']:>6.3f}x "
+                     f"{c['goal_text']:8} {met}")
     for t in result["targets"]:
         lines.append(f"{t['name'][:44]:44} {t['value']:>10.4g} ({t['metric']}) goal {t['goal_text']} "
                      f"{'yes' if t['met'] else 'NO'}")

@@ -217,7 +217,7 @@ class Comparison:
     chunkgate: float
     peer: float
     peer_name: str
-    goal: float
+    goal: float | None  # None: informational, no goal in the issue
     higher_is_better: bool = True
     note: str = ""
 
@@ -226,13 +226,16 @@ class Comparison:
         return self.chunkgate / self.peer if self.peer else float("inf")
 
     @property
-    def met(self) -> bool:
+    def met(self) -> bool | None:
+        if self.goal is None:
+            return None
         return self.ratio >= self.goal if self.higher_is_better else self.ratio <= self.goal
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
-        doc.update(ratio=round(self.ratio, 3), goal_text=f"{'>=' if self.higher_is_better else '<='} {self.goal}x",
-                   met=self.met, chunkgate=round(self.chunkgate, 3), peer=round(self.peer, 3))
+        goal_text = "" if self.goal is None else f"{'>=' if self.higher_is_better else '<='} {self.goal}x"
+        doc.update(ratio=round(self.ratio, 3), goal_text=goal_text, met=self.met,
+                   chunkgate=round(self.chunkgate, 3), peer=round(self.peer, 3))
         return doc
 
 

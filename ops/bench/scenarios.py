@@ -236,11 +236,7 @@ def _key(prefix: str) -> str:
 
 def _compare(ctx: Context, name: str, metric: str, ours: Series, peer: Series, peer_name: str, goal: float | None,
              *, higher_is_better: bool = True, note: str = "") -> None:
-    comparison = Comparison(name, metric, ours.median, peer.median, peer_name, goal if goal is not None else 0.0,
-                            higher_is_better, note)
-    if goal is None:
-        comparison.note = (note + " " if note else "") + "(informational, no goal)"
-    ctx.comparisons.append(comparison)
+    ctx.comparisons.append(Comparison(name, metric, ours.median, peer.median, peer_name, goal, higher_is_better, note))
 
 
 # ------------------------------------------------------------------------------ 1. cold GET
@@ -440,7 +436,7 @@ def seek_probe(ctx: Context) -> dict[str, Any]:
                                           1.5, higher_is_better=False))
     ctx.comparisons.append(Comparison("seek p50 same-chunk repeat vs direct", "p50 ms", percentile(warm_ms, 50),
                                       percentile(direct_ms, 50), "ranged GET straight from SeaweedFS (urllib3)",
-                                      0.0, higher_is_better=False, note="(informational, no goal)"))
+                                      None, higher_is_better=False))
     return {"object_size": size, "objects": len(gw_keys), "range_bytes": span, "probes": len(probes),
             "manifest_warm": True,
             "chunkgate_cold": _latency(cold_ms), "chunkgate_same_chunk_repeat": _latency(warm_ms), "direct": _latency(direct_ms),
