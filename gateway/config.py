@@ -92,7 +92,7 @@ class ServeConfig:
     allow_anonymous_writes: bool = False
     verify_reads: str = "sha256"
     write_concurrency: int = 4
-    readahead: int = 2
+    readahead: int = 4
     cors_origins: str = "*"
     max_object_size: int | None = None
     grace: float = 300.0

@@ -355,3 +355,52 @@ async def test_the_manifest_records_block_hashes_that_survive_a_json_round_trip(
     last = m.chunks[-1]
     assert last.blocks == (hashlib.sha256(data[CHUNK:CHUNK + 16384]).hexdigest(),
                            hashlib.sha256(data[CHUNK + 16384:]).hexdigest())
+
+
+async def test_concurrent_cold_reads_of_one_manifest_cost_one_store_read() -> None:
+    backend = CountingGets()
+    store = make_store(backend)
+    await store.put("v", body_of(b"abc"), content_type="x/y")
+    store._manifests.clear()
+    backend.gets.clear()
+    heads = await asyncio.gather(*(store.head("v") for _ in range(32)))
+    assert {m.etag for m in heads} == {heads[0].etag}
+    assert backend.gets == {keys.manifest_key("v"): 1}
+
+
+class GatedManifestReads(MemoryBackend):
+    """After ``hold_next()``, the next manifest read stalls until ``gate`` opens — a read still in
+    flight while a commit lands."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self._hold = False
+
+    def hold_next(self) -> None:
+        self._hold, self.gate = True, asyncio.Event()
+
+    async def get(self, key, **kw):  # type: ignore[no-untyped-def]
+        blob = await super().get(key, **kw)
+        if key.startswith(keys.MANIFEST_PREFIX) and self._hold:
+            self._hold = False
+            await self.gate.wait()
+        return blob
+
+
+async def test_a_read_after_a_local_commit_never_joins_an_older_manifest_read() -> None:
+    backend = GatedManifestReads()
+    store = make_store(backend)
+    await store.put("k", body_of(b"old"), content_type="x/y")
+    store._manifests.clear()
+    backend.hold_next()
+    stale_reader = asyncio.ensure_future(store.head("k"))  # has read "old", held before returning
+    await asyncio.sleep(0.01)
+    new = await store.put("k", body_of(b"new"), content_type="x/y")
+    fresh_reader = asyncio.ensure_future(store.head("k"))
+    await asyncio.sleep(0.01)
+    assert fresh_reader.done(), "a read after the commit waited on the older read in flight"
+    assert fresh_reader.result().etag == new.etag
+    backend.gate.set()
+    assert (await stale_reader).etag != new.etag  # the old read is used once by its own caller
+    assert (await store.head("k")).etag == new.etag  # and was not cached over the new manifest
