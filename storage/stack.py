@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from storage.backends.base import Backend
+from storage.backends.faults import FaultyBackend
+from storage.backends.limited import LimitedBackend
 from storage.backends.observed import BackendObserver, ObservedBackend
+from storage.backends.retrying import RetryingBackend
 from storage.locks import LockManager
 from storage.objects import ObjectStore, StoreOptions
 
@@ -41,21 +44,12 @@ def build_backend(opts: StackOptions, observer: BackendObserver | None = None,
         raw = open_backend(opts.store, s3_endpoint_url=opts.s3_endpoint_url, s3_region=opts.s3_region)
     backend: Backend = raw
     if opts.faults is not None:
-        from storage.backends.faults import FaultyBackend
-
         backend = FaultyBackend(backend, opts.faults)
     if observer is not None:
         backend = ObservedBackend(backend, observer)
     if opts.store_max_concurrency or opts.store_max_rps:
-        try:
-            from storage.backends.limited import LimitedBackend
-        except ImportError:  # the limiter arrives with the hardening work
-            pass
-        else:
-            backend = LimitedBackend(backend, max_concurrency=opts.store_max_concurrency, max_rps=opts.store_max_rps)
+        backend = LimitedBackend(backend, max_concurrency=opts.store_max_concurrency, max_rps=opts.store_max_rps)
     if not _retries_itself(backend):
-        from storage.backends.retrying import RetryingBackend
-
         backend = RetryingBackend(backend)
     return backend
 
@@ -87,8 +81,8 @@ def _below_limiter(backend: Backend) -> Backend:
     data requests could miss its deadline and lose a lease that its holder is using."""
     node = backend
     while hasattr(node, "inner"):
-        if type(node).__name__ == "LimitedBackend":
-            return node.inner  # type: ignore[attr-defined, no-any-return]
+        if isinstance(node, LimitedBackend):
+            return node.inner
         node = node.inner  # type: ignore[attr-defined]
     return backend
 
