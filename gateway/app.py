@@ -303,10 +303,12 @@ def cors_middleware(origins_setting: str) -> Any:
                 "Vary": "Origin",
             })
         if request.method == "OPTIONS" and request.path.startswith("/objects/"):
-            return web.Response(status=204, headers={"Allow": "GET, HEAD, PUT, DELETE, OPTIONS",
-                                                     "Access-Control-Allow-Origin": "*" if any_origin else "",
-                                                     "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
-                                                     "Access-Control-Expose-Headers": CORS_EXPOSE_HEADERS})
+            # A plain OPTIONS (no preflight): say what the resource allows.
+            headers = {"Allow": "GET, HEAD, PUT, DELETE, OPTIONS", "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
+                       "Access-Control-Expose-Headers": CORS_EXPOSE_HEADERS}
+            if any_origin:
+                headers["Access-Control-Allow-Origin"] = "*"
+            return web.Response(status=204, headers=headers)
         if origin:
             request["cors_allow"] = allowed(origin, request.method)
         return await handler(request)
