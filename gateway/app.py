@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -31,6 +32,15 @@ CORS_EXPOSE_HEADERS = ("Content-Range, Content-Length, Accept-Ranges, ETag, Last
                        "Location, Upload-Offset, Upload-Length, Upload-Expires, Upload-Metadata, Tus-Resumable, "
                        "Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm")
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@dataclass
+class Traffic:
+    """Mutable per-app state (an app's own items are frozen once it starts): how many requests
+    are being handled, and whether serve is draining them for a shutdown."""
+
+    inflight: int = 0
+    draining: bool = False
 
 
 def store_options(cfg: ServeConfig) -> StoreOptions:
@@ -93,8 +103,7 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     app["metrics"] = metrics
     app["store"] = store
     app["started"] = time.time()
-    app["inflight"] = 0  # requests being handled; serve drains these on SIGTERM
-    app["draining"] = False
+    app["traffic"] = Traffic()
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -164,7 +173,7 @@ def _add_uploads(app: web.Application) -> None:
 async def decorate_response(request: web.Request, response: web.StreamResponse) -> None:
     """Headers every response carries, set just before headers go out (streamed responses too)."""
     response.headers.setdefault("X-Request-Id", request.get("request_id", ""))
-    if request.app["draining"]:
+    if request.app["traffic"].draining:
         response.force_close()  # shutting down: no more requests on this connection
     allow = request.get("cors_allow")
     if allow is not None and "Access-Control-Allow-Origin" not in response.headers:
@@ -216,7 +225,7 @@ def observe_middleware(metrics: Metrics) -> Any:
         request["request_id"] = rid
         t0 = time.perf_counter()
         status = 500
-        request.app["inflight"] += 1
+        request.app["traffic"].inflight += 1
         metrics.http_in_flight.inc()
         try:
             response = await handler(request)
@@ -228,7 +237,7 @@ def observe_middleware(metrics: Metrics) -> Any:
             raise
         finally:
             seconds = time.perf_counter() - t0
-            request.app["inflight"] -= 1
+            request.app["traffic"].inflight -= 1
             metrics.http_in_flight.dec()
             metrics.request_done(request, status, seconds)
             sent = request.get("chunkgate.bytes_sent", 0)

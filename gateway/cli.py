@@ -96,10 +96,10 @@ async def serve(cfg: ServeConfig) -> int:
     # incoming bytes, so an upload whose body is still arriving could never finish. After the
     # drain (bounded), aiohttp cancels what is left; a cancelled PUT or PATCH aborts its upload,
     # so nothing half-done is committed.
-    app["draining"] = True
+    app["traffic"].draining = True
     await site.stop()
     deadline = loop.time() + cfg.shutdown_timeout
-    while app["inflight"] > 0 and loop.time() < deadline:
+    while app["traffic"].inflight > 0 and loop.time() < deadline:
         await asyncio.sleep(0.05)
     await runner.cleanup()
     return 0
