@@ -16,7 +16,6 @@ from gateway.auth import auth_middleware
 from gateway.config import ServeConfig
 from gateway.errors import error_middleware, json_error
 from gateway.metrics import Metrics, metrics_handler
-from gateway.metrics import _gauge as gauge_family
 from storage.backends.base import Backend
 from storage.objects import ObjectStore, StoreOptions
 from storage.stack import StackOptions, build_store
@@ -82,10 +81,6 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     opts.faults = faults
     store = build_store(opts, store_options(cfg), metrics, raw=backend)
     metrics.attach_store(store, store.locks)
-    # The limiter's waiters, read at scrape time; 0 when no limiter is configured (the
-    # wrappers pass attribute reads down to the one that has it).
-    metrics.add_source(lambda: [gauge_family("chunkgate_backend_queue_depth", "Store calls waiting for the limiter now",
-                                             getattr(store.backend, "queue_depth", 0))])
 
     app = web.Application(
         middlewares=[

@@ -8,7 +8,6 @@ Each app has its own registry, so several gateways in one test process don't col
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Iterable
 
 from aiohttp import web
@@ -108,6 +107,9 @@ class Metrics:
         self.add_source(lambda: _store_families(store))
         self.add_source(lambda: _lock_families(locks))
 
+    def attach_uploads(self, sessions: Any) -> None:
+        self.add_source(lambda: _upload_families(sessions))
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -165,6 +167,19 @@ def _store_families(store: Any) -> Iterable[Any]:
     yield _counter("chunkgate_cache_evictions", "Chunks evicted from memory", c.evictions)
     yield _counter("chunkgate_cache_readahead", "Chunks fetched ahead of a sequential read", c.readahead)
     yield _gauge("chunkgate_cache_bytes", "Bytes of chunks held in memory", c.bytes)
+    # The limiter's waiters; 0 without a limiter (wrappers pass attribute reads down to it).
+    yield _gauge("chunkgate_backend_queue_depth", "Store calls waiting for the limiter now",
+                 getattr(store.backend, "queue_depth", 0))
+
+
+def _upload_families(sessions: Any) -> Iterable[Any]:
+    st = sessions.stats
+    yield _counter("chunkgate_uploads_created", "tus uploads created", st.created)
+    yield _counter("chunkgate_uploads_completed", "tus uploads completed (object committed)", st.completed)
+    yield _counter("chunkgate_uploads_aborted", "tus uploads terminated by the client", st.aborted)
+    yield _counter("chunkgate_uploads_expired", "tus uploads expired without finishing", st.expired)
+    yield _counter("chunkgate_upload_bytes", "Bytes received in tus PATCH bodies", st.bytes_received)
+    yield _gauge("chunkgate_uploads_in_progress", "tus uploads started and not yet finished", sessions.in_progress)
 
 
 def _lock_families(locks: Any) -> Iterable[Any]:

@@ -17,10 +17,9 @@ import binascii
 import email.utils
 import functools
 import re
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from gateway.errors import HTTPError, json_error, to_response
 from gateway.objects import BODY_READ_ERRORS, upload_content_type
@@ -346,22 +345,6 @@ async def collection_other(request: web.Request) -> web.StreamResponse:
 
 
 # ------------------------------------------------------------------------------ wiring
-def upload_families(sessions: UploadSessions) -> Iterable[Any]:
-    st = sessions.stats
-    for name, doc, value in (
-        ("chunkgate_uploads_created", "tus uploads created", st.created),
-        ("chunkgate_uploads_completed", "tus uploads completed (object committed)", st.completed),
-        ("chunkgate_uploads_aborted", "tus uploads terminated by the client", st.aborted),
-        ("chunkgate_uploads_expired", "tus uploads expired without finishing", st.expired),
-        ("chunkgate_upload_bytes", "Bytes received in tus PATCH bodies", st.bytes_received),
-    ):
-        fam = CounterMetricFamily(name, doc)
-        fam.add_metric([], value)
-        yield fam
-    yield GaugeMetricFamily("chunkgate_uploads_in_progress", "tus uploads started and not yet finished",
-                            value=sessions.in_progress)
-
-
 def upload_options(cfg: Any) -> UploadOptions:
     max_size = int(cfg.max_upload_size)
     if cfg.max_object_size:
@@ -389,7 +372,7 @@ def setup(app: web.Application) -> None:
         app.router.add_route("OPTIONS", path, options)
         app.router.add_route("*", path, collection_other)
     app.router.add_route("*", "/uploads/{id}", upload_dispatch, name="tus_upload")
-    app["metrics"].add_source(lambda: upload_families(sessions))
+    app["metrics"].attach_uploads(sessions)
 
     async def start_sweeper(app: web.Application) -> None:
         await sessions.start()

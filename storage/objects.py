@@ -16,7 +16,6 @@ import asyncio
 import base64
 import hashlib
 import logging
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, AsyncIterable, AsyncIterator, Callable
@@ -35,7 +34,6 @@ from storage.errors import (
     CorruptManifest,
     IncompleteBody,
     ObjectNotFound,
-    PreconditionNotMet,
     StoreFailed,
     StoreUnavailable,
 )
