@@ -107,6 +107,7 @@ class ServeConfig:
     store_max_concurrency: int = 64
     store_max_rps: float = 0.0
     max_concurrent_uploads: int = 64
+    min_upload_rate: int = 1024  # bytes/s a request body must average after --body-timeout seconds
     fault_rate: float = 0.0  # debugging only: inject store faults at this rate
     fault_kinds: str = "all"
 
@@ -142,6 +143,8 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--store-max-concurrency", "store_max_concurrency", parse_nonneg_int, "store requests in flight at most"),
     ("--max-concurrent-uploads", "max_concurrent_uploads", parse_nonneg_int,
      "request bodies (PUT, tus PATCH/POST) received at once; more get 503 + Retry-After (0 = no cap)"),
+    ("--min-upload-rate", "min_upload_rate", parse_size,
+     "bytes/s a request body must average once --body-timeout has passed; slower gets 408 (0 = off)"),
     ("--store-max-rps", "store_max_rps", float, "store requests per second at most (0 = unlimited)"),
     ("--fault-rate", "fault_rate", parse_ratio, "DEBUG: inject store faults into this share of store calls"),
     ("--fault-kinds", "fault_kinds", str, "DEBUG: comma-separated error, throttle, latency, truncate, or all"),

@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import re
-from typing import Any, AsyncIterator
+import time
+from typing import Any, AsyncIterator, Callable
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import ClientPayloadError, EofStream, web
@@ -105,10 +106,33 @@ async def put_object(request: web.Request) -> web.Response:
     return web.json_response(body, status=201, headers={"ETag": manifest.etag, "Location": request.path})
 
 
+class UploadRateFloor:
+    """Refuses a body arriving slower than ``min_rate`` bytes/s on average once ``grace``
+    seconds have passed. The idle timeout catches a client that stops; this catches one that
+    dribbles a byte now and then to hold an upload slot forever (slowloris)."""
+
+    def __init__(self, min_rate: float, grace: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.min_rate, self.grace, self.clock = min_rate, grace, clock
+        self.started = clock()
+
+    def check(self, received: int) -> None:
+        elapsed = self.clock() - self.started
+        if self.min_rate and elapsed > self.grace and received < self.min_rate * elapsed:
+            raise HTTPError(408, "body_too_slow",
+                            f"the request body arrived at {received / elapsed:.0f} B/s for {elapsed:.0f} s; "
+                            f"at least {self.min_rate:.0f} B/s is needed")
+
+    @classmethod
+    def for_request(cls, request: web.Request) -> "UploadRateFloor":
+        cfg = request.app["config"]
+        return cls(cfg.min_upload_rate, max(cfg.body_timeout, 1.0))
+
+
 async def request_body(request: web.Request) -> AsyncIterator[bytes]:
-    """The request body as pieces, with an idle timeout: a client that stops sending gets 408
-    and nothing is committed (the store's caller aborts the upload)."""
+    """The request body as pieces, with an idle timeout and a rate floor: a client that stops
+    sending, or dribbles, gets 408 and nothing is committed (the store's caller aborts)."""
     timeout = request.app["config"].body_timeout
+    floor = UploadRateFloor.for_request(request)
     received = 0
     stream = request.content
     while True:
@@ -122,6 +146,7 @@ async def request_body(request: web.Request) -> AsyncIterator[bytes]:
             break
         received += len(piece)
         request["chunkgate.bytes_received"] = received
+        floor.check(received)
         yield piece
 
 

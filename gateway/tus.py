@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from gateway.errors import HTTPError, json_error, to_response
-from gateway.objects import BODY_READ_ERRORS, upload_content_type
+from gateway.objects import BODY_READ_ERRORS, UploadRateFloor, upload_content_type
 from storage.errors import IncompleteBody
 from storage.keys import validate_key
 from storage.uploads import (
@@ -197,6 +197,7 @@ async def patch_body(request: web.Request, stop: asyncio.Event, idle_timeout: fl
     idle for ``idle_timeout`` or cut short raises, after which the bytes so far are kept too."""
     stream = request.content
     received = request.get("chunkgate.bytes_received", 0)
+    floor = UploadRateFloor.for_request(request)
     stopper = asyncio.ensure_future(stop.wait())
     try:
         while not stop.is_set():
@@ -218,6 +219,7 @@ async def patch_body(request: web.Request, stop: asyncio.Event, idle_timeout: fl
                 return
             received += len(piece)
             request["chunkgate.bytes_received"] = received
+            floor.check(received)
             yield piece
     finally:
         stopper.cancel()

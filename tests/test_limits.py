@@ -301,3 +301,51 @@ async def test_uploads_over_the_concurrency_cap_get_503_with_retry_after_and_the
             r.release()
         async with session.put(f"{url}/objects/third", data=b"x") as r:
             assert r.status == 201
+
+
+@pytest.mark.parametrize(
+    "min_rate,grace,elapsed,received,refused",
+    [
+        (1024, 10, 5, 0, False),          # within the grace period anything goes
+        (1024, 10, 20, 20 * 1024, False),  # exactly the floor
+        (1024, 10, 20, 20 * 1024 - 1, True),
+        (1024, 10, 100, 10**9, False),     # fast
+        (0, 10, 1000, 1, False),           # floor off
+    ],
+    ids=["in-grace", "at-the-floor", "just-under-the-floor", "fast", "floor-off"],
+)
+def test_upload_rate_floor(min_rate: int, grace: float, elapsed: float, received: int, refused: bool) -> None:
+    from gateway.errors import HTTPError
+    from gateway.objects import UploadRateFloor
+
+    now = [0.0]
+    floor = UploadRateFloor(min_rate, grace, clock=lambda: now[0])
+    now[0] = elapsed
+    if refused:
+        with pytest.raises(HTTPError) as info:
+            floor.check(received)
+        assert info.value.status == 408 and info.value.code == "body_too_slow"
+    else:
+        floor.check(received)
+
+
+async def test_a_dribbling_upload_is_refused_with_408_and_nothing_is_committed() -> None:
+    cfg = ServeConfig(body_timeout=1, min_upload_rate=10_000)
+    async with in_process_gateway(cfg) as (url, _app), aiohttp.ClientSession() as session:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"PUT /objects/drip HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        answer = b""
+        for _ in range(60):  # ~100 B/s, never idle long enough for the idle timeout
+            writer.write(b"x" * 10)
+            await writer.drain()
+            try:
+                answer = await asyncio.wait_for(reader.read(4096), timeout=0.1)
+            except asyncio.TimeoutError:
+                continue
+            break
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+        assert b"body_too_slow" in answer
+        async with session.get(f"{url}/objects/drip") as r:
+            assert r.status == 404
