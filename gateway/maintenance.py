@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from gateway.config import (
@@ -121,6 +121,34 @@ def _run(main: Callable[[], Any]) -> int:
         return _fail("interrupted", 130)
 
 
+def _command(parser: argparse.ArgumentParser, argv: Sequence[str], flag: str, convert: Callable[[argparse.Namespace], Any],
+             what: str, unit: str, work: Callable[[Any, argparse.Namespace, Any, Any], Awaitable[int]]) -> int:
+    """Parse (``convert`` reads the command's own ``flag``), open the store, run ``work(store,
+    ns, value, bar)`` with a progress bar, close the store: every failure is one line."""
+    try:
+        ns, cfg = _config(parser, argv)
+        value = convert(ns)
+    except _Exit as exc:
+        return exc.code
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except ValueError as exc:
+        return _fail(f"{flag}: {exc}")
+
+    async def main() -> int:
+        store = await _open(cfg)
+        bar = _bar(what, unit)
+        try:
+            return await work(store, ns, value, bar)
+        except Exception as exc:
+            return _fail(f"{what} stopped: the store failed: {exc}", 1)
+        finally:
+            bar.close()
+            await _close(store)
+
+    return _run(main)
+
+
 # ------------------------------------------------------------------------------------ gc
 def cmd_gc(argv: Sequence[str]) -> int:
     parser = _parser("chunkgate gc", "Delete chunks no manifest references (after a grace period) "
@@ -128,33 +156,19 @@ def cmd_gc(argv: Sequence[str]) -> int:
     parser.add_argument("--grace", default=None,
                         help=f"keep unreferenced chunks younger than this (default 1h) [env {env_name('--grace')}]")
     parser.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
-    try:
-        ns, cfg = _config(parser, argv)
-        raw_grace = ns.grace if ns.grace is not None else os.environ.get(env_name("--grace"))
-        grace = DEFAULT_GC_GRACE if raw_grace is None else parse_duration(raw_grace)
-    except _Exit as exc:
-        return exc.code
-    except ConfigError as exc:
-        return _fail(str(exc))
-    except ValueError as exc:
-        return _fail(f"--grace: {exc}")
 
-    async def main() -> int:
+    def grace_of(ns: argparse.Namespace) -> float:
+        raw = ns.grace if ns.grace is not None else os.environ.get(env_name("--grace"))
+        return DEFAULT_GC_GRACE if raw is None else parse_duration(raw)
+
+    async def work(store: Any, ns: argparse.Namespace, grace: float, bar: Any) -> int:
         from storage.gc import collect
 
-        store = await _open(cfg)
-        bar = _bar("gc", "chunks")
-        try:
-            report = await collect(store.backend, grace=grace, dry_run=ns.dry_run, progress=bar.update)
-        except Exception as exc:
-            return _fail(f"gc stopped: the store failed: {exc}", 1)
-        finally:
-            bar.close()
-            await _close(store)
+        report = await collect(store.backend, grace=grace, dry_run=ns.dry_run, progress=bar.update)
         print(report.summary())
         return 1 if report.delete_errors else 0
 
-    return _run(main)
+    return _command(parser, argv, "--grace", grace_of, "gc", "chunks", work)
 
 
 # ------------------------------------------------------------------------------------ fsck
@@ -165,35 +179,20 @@ def cmd_fsck(argv: Sequence[str]) -> int:
     parser.add_argument("--sample", default=None, help="check only N objects chosen at random")
     parser.add_argument("--prefix", default="", help="check only objects whose key starts with this")
     parser.add_argument("--quiet", action="store_true", help="print only damaged objects and the summary")
-    try:
-        ns, cfg = _config(parser, argv)
-        sample = None if ns.sample is None else parse_nonneg_int(ns.sample)
-    except _Exit as exc:
-        return exc.code
-    except ConfigError as exc:
-        return _fail(str(exc))
-    except ValueError as exc:
-        return _fail(f"--sample: {exc}")
 
-    async def main() -> int:
+    def sample_of(ns: argparse.Namespace) -> int | None:
+        return None if ns.sample is None else parse_nonneg_int(ns.sample)
+
+    async def work(store: Any, ns: argparse.Namespace, sample: int | None, bar: Any) -> int:
         from storage.fsck import OK, fsck
-
-        store = await _open(cfg)
-        bar = _bar("fsck", "objects")
 
         def progress(result: Any) -> None:
             bar.update(1)
             if result.status != OK or not ns.quiet:
                 bar.write(result.line(), file=sys.stdout)
 
-        try:
-            report = await fsck(store, repair=ns.repair, sample=sample, prefix=ns.prefix, progress=progress)
-        except Exception as exc:
-            return _fail(f"fsck stopped: the store failed: {exc}", 1)
-        finally:
-            bar.close()
-            await _close(store)
+        report = await fsck(store, repair=ns.repair, sample=sample, prefix=ns.prefix, progress=progress)
         print(report.summary())
         return 0 if report.clean else 1
 
-    return _run(main)
+    return _command(parser, argv, "--sample", sample_of, "fsck", "objects", work)
