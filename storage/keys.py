@@ -15,6 +15,7 @@ is, and a version id is fresh per upload, so no writer can touch bytes a reader 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -50,6 +51,7 @@ def validate_key(key: str) -> str:
     return key
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every chunk a read touches: hash each hot key once
 def key_id(key: str) -> str:
     """A fixed-length id for an object key, used to group its chunks and its lease."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
