@@ -122,7 +122,11 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
             def count(report: Any) -> None:
                 metrics.gc_ran(chunks=report.chunks_deleted, uploads=report.uploads_expired)
 
-            app["background"].append(asyncio.ensure_future(run_periodically(store, cfg.gc_interval, cfg.grace, count)))
+            # At least an hour: --grace (default 5 min) is how long readers of a replaced version
+            # get, but an unreferenced chunk may also belong to a PUT still running on another
+            # gateway, which only its age protects (this gateway's own PUTs are protected).
+            gc_grace = max(cfg.grace, MIN_PERIODIC_GC_GRACE)
+            app["background"].append(asyncio.ensure_future(run_periodically(store, cfg.gc_interval, gc_grace, count)))
 
     async def on_cleanup(app: web.Application) -> None:
         for task in app.get("background", []):
@@ -141,6 +145,9 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+MIN_PERIODIC_GC_GRACE = 3600.0
 
 
 async def _clear_stale_locks(locks: Any, every: float) -> None:

@@ -26,7 +26,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -137,10 +137,14 @@ async def collect(
     now: float | None = None,
     uploads: UploadsHook | None | str = "auto",
     progress: Callable[[int], None] | None = None,
+    busy: Callable[[], Iterable[tuple[str, str]]] | None = None,
 ) -> GcReport:
     """One gc pass over the store behind ``backend``; see the module docstring for the rules.
 
-    ``progress(n)`` is called as chunks are listed and deleted (for a progress bar)."""
+    ``progress(n)`` is called as chunks are listed and deleted (for a progress bar).
+    ``busy()``: (key, version) pairs being written right now in this process (PUTs in
+    flight), kept whatever their age; asked right after the chunk listing, before the manifests
+    are read (a PUT that commits during the walk was busy then), and again before deciding."""
     report = GcReport(dry_run=dry_run)
     hook = default_uploads_hook(backend) if uploads == "auto" else uploads
     assert not isinstance(hook, str)
@@ -157,6 +161,7 @@ async def collect(
         if progress is not None:
             progress(1)
     report.chunks_seen = len(chunks)
+    writing = set(busy()) if busy is not None else set()
 
     # 2. Then every committed manifest: what is referenced, and when each object last changed.
     referenced: set[str] = set()
@@ -195,6 +200,9 @@ async def collect(
         protected = {(keys.key_id(k), v) for k, v in await hook.protected_versions()}
     else:
         protected = {(keys.key_id(k), v) for k, v in await _fallback_uploads(backend)}
+    if busy is not None:
+        writing |= set(busy())
+    protected |= {(keys.key_id(k), v) for k, v in writing}
 
     # 3. Decide and delete.
     doomed: list[_Chunk] = []
@@ -248,7 +256,7 @@ async def run_periodically(store: Any, interval: float, grace: float,
     while True:
         await asyncio.sleep(random.uniform(0.5, 1.0) * interval)
         try:
-            report = await collect(store.backend, grace=grace)
+            report = await collect(store.backend, grace=grace, busy=getattr(store, "writing_versions", None))
         except asyncio.CancelledError:
             raise
         except Exception:

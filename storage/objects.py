@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ class ObjectStore:
         self.cache: ChunkCache[StoredChunk] = ChunkCache(self.options.cache_bytes, lambda c: len(c.data) + 64)
         self._manifests: TTLCache = TTLCache(maxsize=4096, ttl=self.options.manifest_ttl)
         self._manifest_reads: dict[str, tuple[int, asyncio.Future[Current]]] = {}
+        self._writing: collections.Counter[tuple[str, str]] = collections.Counter()
         self._manifest_writes = 0  # bumped by every commit/delete/repair of this process
         self._pending_gc: set[asyncio.Task[None]] = set()
         self._repairs: dict[str, asyncio.Task[None]] = {}
@@ -190,6 +192,7 @@ class ObjectStore:
             check(cur.manifest.etag if cur else None)
         version = keys.new_version()
         writer = ChunkWriter(self, key, version)
+        self._writing[(key, version)] += 1  # gc in this process must not take chunks still being written
         md5 = hashlib.md5() if content_md5 else None
         whole_sha = hashlib.sha256() if sha256_hex else None
         try:
@@ -226,6 +229,10 @@ class ObjectStore:
         except BaseException:
             await writer.abort()
             raise
+        finally:
+            self._writing[(key, version)] -= 1
+            if not self._writing[(key, version)]:
+                del self._writing[(key, version)]
 
     async def commit(
         self,
@@ -325,6 +332,13 @@ class ObjectStore:
 
         async def later() -> None:
             await asyncio.sleep(self.options.grace_seconds)
+            try:
+                current = await self._current_or_none(manifest.key)
+            except Exception as exc:  # unsure what is current: leave the chunks to gc
+                log.warning("not deleting replaced version %s of %r: %s", manifest.version, manifest.key, exc)
+                return
+            if current is not None and current.manifest.version == manifest.version:
+                return  # committed again since (a resumed upload's commit): still referenced
             await self.delete_chunks(manifest.key, manifest.version, len(manifest.chunks))
 
         task = asyncio.ensure_future(later())
@@ -533,6 +547,11 @@ class ObjectStore:
 
         manifests = [m for m in await asyncio.gather(*(one(k) for k in found)) if m is not None]
         return manifests, (found[-1] if more and found else None)
+
+    def writing_versions(self) -> set[tuple[str, str]]:
+        """(key, version) of every PUT this process is writing now: chunks without a manifest
+        yet, which gc must leave alone however old their version is."""
+        return set(self._writing)
 
     async def close(self) -> None:
         for task in list(self._pending_gc) + list(self._repairs.values()):

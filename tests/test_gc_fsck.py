@@ -388,3 +388,50 @@ async def test_serve_runs_gc_periodically_and_counts_what_it_deleted() -> None:
             assert 'chunkgate_gc_deleted_total{kind="chunk"} 1.0' in text
             assert "chunkgate_gc_runs_total" in text
         assert [i.key async for i in backend.list(keys.CHUNK_PREFIX)] == []
+
+
+async def test_gc_never_takes_the_chunks_of_a_put_still_running_in_this_process() -> None:
+    # A slow PUT whose version is older than the grace period: only "busy" protects its chunks.
+    from storage.objects import ObjectStore, StoreOptions
+
+    backend = MemoryBackend()
+    store = ObjectStore(backend, LockManager(), StoreOptions(chunk_size=1024, grace_seconds=60))
+    release = asyncio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield os.urandom(3000)  # two whole chunks get written...
+        await release.wait()  # ...then the client is slow
+        yield os.urandom(100)
+
+    put = asyncio.ensure_future(store.put("slow/video.mp4", slow_body(), content_type="video/mp4"))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if len([i async for i in backend.list(keys.CHUNK_PREFIX)]) >= 2:
+            break
+    far_future = time.time() + 10 * 86400
+    report = await collect(backend, grace=3600, now=far_future, uploads=None, busy=store.writing_versions)
+    assert report.chunks_deleted == 0 and report.kept_in_grace >= 2
+    release.set()
+    manifest = await put
+    data = b"".join([bytes(p) async for p in store.read(manifest, 0, manifest.size)])
+    assert len(data) == 3100
+    # Once committed, nothing is busy and the chunks are referenced: still nothing to delete.
+    assert store.writing_versions() == set()
+    report = await collect(backend, grace=3600, now=far_future, uploads=None, busy=store.writing_versions)
+    assert report.chunks_deleted == 0
+
+
+async def test_a_replaced_version_committed_again_is_not_deleted_after_the_grace() -> None:
+    from storage.objects import ObjectStore, StoreOptions
+
+    async def body(data: bytes) -> AsyncIterator[bytes]:
+        yield data
+
+    backend = MemoryBackend()
+    store = ObjectStore(backend, LockManager(), StoreOptions(chunk_size=1024, grace_seconds=0.1))
+    first = await store.put("k", body(b"a" * 2000), content_type="x/y")
+    await store.put("k", body(b"b" * 10), content_type="x/y")  # schedules deletion of `first`
+    await store.commit(first)  # ...which becomes current again (a resumed commit, say)
+    await asyncio.sleep(0.4)
+    data = b"".join([bytes(p) async for p in store.read(await store.head("k"), 0, 2000)])
+    assert data == b"a" * 2000
