@@ -122,9 +122,10 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
             def count(report: Any) -> None:
                 metrics.gc_ran(chunks=report.chunks_deleted, uploads=report.uploads_expired)
 
-            # At least an hour: --grace (default 5 min) is how long readers of a replaced version
+            # At least a day: --grace (default 5 min) is how long readers of a replaced version
             # get, but an unreferenced chunk may also belong to a PUT still running on another
-            # gateway, which only its age protects (this gateway's own PUTs are protected).
+            # gateway, which only its age protects (this gateway's own PUTs are protected), and
+            # serve deletes the versions it replaces itself: periodic gc only sweeps crash leftovers.
             gc_grace = max(cfg.grace, MIN_PERIODIC_GC_GRACE)
             app["background"].append(asyncio.ensure_future(run_periodically(store, cfg.gc_interval, gc_grace, count)))
 
@@ -147,7 +148,7 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     return app
 
 
-MIN_PERIODIC_GC_GRACE = 3600.0
+MIN_PERIODIC_GC_GRACE = 86400.0
 
 
 async def _clear_stale_locks(locks: Any, every: float) -> None:
