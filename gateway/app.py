@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import objects
+from gateway import objects, tus
 from gateway.auth import auth_middleware
 from gateway.config import ServeConfig
 from gateway.errors import error_middleware, json_error
@@ -106,7 +106,7 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     app.router.add_get("/admin/locks", admin_locks)
     app.router.add_get("/objects", objects.list_objects)
     app.router.add_get("/objects/", objects.list_objects)
-    _add_uploads(app)
+    tus.setup(app)
     # [\s\S] (not .) so that keys with a percent-encoded newline reach the handler and get a 400.
     app.router.add_route("*", r"/objects/{key:[\s\S]+}", objects.object_dispatch)
     app.router.add_route("*", r"/{path:[\s\S]*}", fallback)
@@ -162,15 +162,6 @@ async def _clear_stale_locks(locks: Any, every: float) -> None:
                 await clear()
         except Exception:  # never let housekeeping die
             logging.getLogger("chunkgate.locks").exception("clearing stale locks failed")
-
-
-def _add_uploads(app: web.Application) -> None:
-    """tus uploads, when that module is present."""
-    try:
-        from gateway import tus
-    except ImportError:
-        return
-    tus.setup(app)
 
 
 async def decorate_response(request: web.Request, response: web.StreamResponse) -> None:

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from storage import errors as se
 from storage.keys import BadKey
+from storage.locks import LeaseLost, LockTimeout
 
 log = logging.getLogger("chunkgate.http")
 
@@ -32,22 +33,15 @@ def json_error(status: int, code: str, message: str, headers: dict[str, str] | N
     return web.json_response({"error": code, "message": message}, status=status, headers=headers)
 
 
-def _lock_errors() -> tuple[type[BaseException], type[BaseException]]:
-    from storage.locks import LeaseLost, LockTimeout
-
-    return LockTimeout, LeaseLost
-
-
 def to_response(exc: BaseException) -> web.Response | None:
     """The response for a known error, or None for an unexpected one."""
-    lock_timeout, lease_lost = _lock_errors()
     if isinstance(exc, HTTPError):
         return json_error(exc.status, exc.code, exc.message, exc.headers)
     if isinstance(exc, BadKey):
         return json_error(400, "bad_key", str(exc))
-    if isinstance(exc, lock_timeout):
+    if isinstance(exc, LockTimeout):
         return json_error(503, "lock_timeout", "another request holds this key's lock; try again later", {"Retry-After": "1"})
-    if isinstance(exc, lease_lost):
+    if isinstance(exc, LeaseLost):
         return json_error(409, "conflict", "this request's lock was cleared as stale before it could commit; nothing was committed")
     if isinstance(exc, se.StoreUnavailable):
         retry = str(max(1, math.ceil(exc.retry_after or 1)))

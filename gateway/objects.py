@@ -111,9 +111,17 @@ class UploadRateFloor:
     seconds have passed. The idle timeout catches a client that stops; this catches one that
     dribbles a byte now and then to hold an upload slot forever (slowloris)."""
 
-    def __init__(self, min_rate: float, grace: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, min_rate: float, grace: float, clock: Callable[[], float] = time.monotonic,
+                 received: int = 0) -> None:
         self.min_rate, self.grace, self.clock = min_rate, grace, clock
         self.started = clock()
+        self.received = received
+
+    def took(self, request: web.Request, piece: bytes) -> None:
+        """Count a piece of the body (for the metrics too), then apply the floor."""
+        self.received += len(piece)
+        request["chunkgate.bytes_received"] = self.received
+        self.check(self.received)
 
     def check(self, received: int) -> None:
         elapsed = self.clock() - self.started
@@ -125,7 +133,7 @@ class UploadRateFloor:
     @classmethod
     def for_request(cls, request: web.Request) -> "UploadRateFloor":
         cfg = request.app["config"]
-        return cls(cfg.min_upload_rate, max(cfg.body_timeout, 1.0))
+        return cls(cfg.min_upload_rate, max(cfg.body_timeout, 1.0), received=request.get("chunkgate.bytes_received", 0))
 
 
 async def request_body(request: web.Request) -> AsyncIterator[bytes]:
@@ -133,7 +141,6 @@ async def request_body(request: web.Request) -> AsyncIterator[bytes]:
     sending, or dribbles, gets 408 and nothing is committed (the store's caller aborts)."""
     timeout = request.app["config"].body_timeout
     floor = UploadRateFloor.for_request(request)
-    received = 0
     stream = request.content
     while True:
         try:
@@ -144,9 +151,7 @@ async def request_body(request: web.Request) -> AsyncIterator[bytes]:
             raise IncompleteBody(f"the request body was cut short: {exc}") from None
         if not piece:
             break
-        received += len(piece)
-        request["chunkgate.bytes_received"] = received
-        floor.check(received)
+        floor.took(request, piece)
         yield piece
 
 

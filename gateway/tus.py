@@ -196,7 +196,6 @@ async def patch_body(request: web.Request, stop: asyncio.Event, idle_timeout: fl
     upload's lock: the bytes so far are kept and the client resumes from the offset. A body
     idle for ``idle_timeout`` or cut short raises, after which the bytes so far are kept too."""
     stream = request.content
-    received = request.get("chunkgate.bytes_received", 0)
     floor = UploadRateFloor.for_request(request)
     stopper = asyncio.ensure_future(stop.wait())
     try:
@@ -217,9 +216,7 @@ async def patch_body(request: web.Request, stop: asyncio.Event, idle_timeout: fl
                 raise IncompleteBody(f"the request body was cut short: {exc}") from None
             if not piece:
                 return
-            received += len(piece)
-            request["chunkgate.bytes_received"] = received
-            floor.check(received)
+            floor.took(request, piece)
             yield piece
     finally:
         stopper.cancel()

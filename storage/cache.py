@@ -56,25 +56,17 @@ class ChunkCache(Generic[T]):
     def __contains__(self, key: str) -> bool:
         return key in self._lru or key in self._inflight
 
-    def peek(self, key: str) -> T | None:
-        return self._lru.get(key)
-
-    async def get(self, key: str, fetch: Callable[[], Awaitable[T]], *, readahead: bool = False) -> T:
+    async def get(self, key: str, fetch: Callable[[], Awaitable[T]]) -> T:
         """The value for ``key``: from memory, from a fetch already running, or by starting one."""
         value = self._lru.get(key)
         if value is not None:
-            if not readahead:
-                self.stats.hits += 1
+            self.stats.hits += 1
             return value
         task = self._inflight.get(key)
         if task is not None:
-            if not readahead:
-                self.stats.coalesced += 1
+            self.stats.coalesced += 1
         else:
-            if readahead:
-                self.stats.readahead += 1
-            else:
-                self.stats.misses += 1
+            self.stats.misses += 1
             task = asyncio.ensure_future(self._fetch(key, fetch))
             self._inflight[key] = task
         # shield: a cancelled requester must not cancel a fetch other requesters await.

@@ -392,7 +392,7 @@ class ObjectStore:
         """One chunk, from the cache or the store (single-flight), checked against ``ref``."""
         ck = keys.chunk_key(manifest.key, manifest.version, ref.index)
         stored = await self.cache.get(ck, lambda: self._fetch_chunk(ck))
-        self._check(manifest, ref, len(stored.data), stored.sha256, stored=stored)
+        self._check(manifest, ref, len(stored.data), stored.sha256)
         return stored
 
     async def _fetch_chunk(self, ck: str) -> StoredChunk:
@@ -430,7 +430,7 @@ class ObjectStore:
             raise StoreFailed(f"chunk {ck} referenced by a committed manifest is missing") from None
         except TransientError as exc:
             raise StoreUnavailable(f"the store failed reading a chunk: {exc}", retry_after=exc.retry_after) from exc
-        self._check(manifest, ref, blob.size, None, stored=None)
+        self._check(manifest, ref, blob.size, None)
         if len(blob.data) != fetch_hi - fetch_lo:
             raise StoreUnavailable(f"short read of {ck}: {len(blob.data)} of {fetch_hi - fetch_lo} bytes")
         if not verify:
@@ -446,7 +446,7 @@ class ObjectStore:
                                     key=manifest.key, index=ref.index, expected=ref.size, actual=blob.size)
         return bytes(view[lo - fetch_lo:hi - fetch_lo])
 
-    def _check(self, manifest: Manifest, ref: ChunkRef, actual: int, sha256: str | None, *, stored: StoredChunk | None) -> None:
+    def _check(self, manifest: Manifest, ref: ChunkRef, actual: int, sha256: str | None) -> None:
         verdict = self.options.tolerance.verdict(ref.size, actual)
         where = dict(key=manifest.key, index=ref.index, expected=ref.size, actual=actual)
         if verdict is Verdict.EXACT:

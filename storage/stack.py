@@ -91,5 +91,4 @@ def build_store(opts: StackOptions, store_options: StoreOptions, observer: Any =
                 raw: Backend | None = None) -> ObjectStore:
     backend = build_backend(opts, observer, raw)
     locks = build_locks(opts, backend, getattr(observer, "lock_waited", None))
-    store_options.lock_timeout = opts.lock_timeout
     return ObjectStore(backend, locks, store_options)
