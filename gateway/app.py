@@ -13,12 +13,14 @@ from aiohttp import web
 
 from gateway import objects, tus
 from gateway.auth import auth_middleware
-from gateway.config import ServeConfig
+from gateway.config import ConfigError, ServeConfig
 from gateway.errors import error_middleware, json_error
 from gateway.metrics import Metrics, metrics_handler
 from storage.backends.base import Backend
+from storage.leases import StoreLockManager
 from storage.objects import ObjectStore, StoreOptions
-from storage.stack import StackOptions, build_store
+from storage.probe import StoreCapabilities, apply, probe
+from storage.stack import StackOptions, build_store, innermost
 from storage.tolerance import SizeTolerance
 
 access_log = logging.getLogger("chunkgate.access")
@@ -53,6 +55,7 @@ def store_options(cfg: ServeConfig) -> StoreOptions:
         grace_seconds=cfg.grace,
         max_object_size=cfg.max_object_size,
         lock_timeout=cfg.lock_timeout,
+        intent_seconds=max(cfg.upload_expiry, 3600.0),
     )
 
 
@@ -115,6 +118,7 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
         check = getattr(store.backend, "check", None)
         if check is not None:
             await check()
+        await probe_store(app)
         app["background"] = [asyncio.ensure_future(_clear_stale_locks(store.locks, cfg.lock_stale_after))]
         if cfg.gc_interval > 0:
             from storage.gc import run_periodically
@@ -149,6 +153,25 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
 
 
 MIN_PERIODIC_GC_GRACE = 86400.0
+PROBE_EVERY_SECONDS = 60.0
+
+
+async def probe_store(app: web.Application) -> StoreCapabilities:
+    """Check once that the store honours the conditions every guarantee rests on (and apply what
+    it found); at most every minute again for /readyz. Several gateways over a store that ignores
+    them would silently lose writes, so ``--locks store`` is refused on it with one line."""
+    store: ObjectStore = app["store"]
+    caps = await probe(innermost(store.backend))
+    apply(store.backend, caps)
+    store.manifests.conditional_deletes = caps.conditional_delete
+    app["store_caps"] = (time.monotonic(), caps)
+    if not caps.conditional_put and isinstance(store.locks, StoreLockManager):
+        raise ConfigError(f"--locks store: the store {store.backend.name} does not honour conditional writes "
+                          f"({caps.describe()}), so several gateways cannot share it safely; "
+                          "run one gateway with --locks local")
+    if caps.problems:
+        logging.getLogger("chunkgate").warning("store probe: %s", caps.describe())
+    return caps
 
 
 async def _clear_stale_locks(locks: Any, every: float) -> None:
@@ -190,16 +213,18 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     store: ObjectStore = request.app["store"]
-    check = getattr(store.backend, "check", None)
     try:
-        if check is not None:
-            await check()
-        else:
-            async for _ in store.backend.list("m/"):
-                break
-    except Exception as exc:
+        await store.backend.check()
+        probed_at, caps = request.app.get("store_caps", (0.0, None))
+        if caps is None or time.monotonic() - probed_at > PROBE_EVERY_SECONDS:
+            caps = await probe_store(request.app)
+    except ConfigError as exc:
+        return json_error(503, "store_unsafe", str(exc))
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the store is not usable now
         return json_error(503, "store_unavailable", f"the store does not answer: {exc}")
-    return web.json_response({"status": "ready", "store": store.backend.name})
+    return web.json_response({"status": "ready", "store": store.backend.name,
+                              "conditional_writes": caps.conditional_put,
+                              "conditional_deletes": caps.conditional_delete})
 
 
 async def admin_locks(request: web.Request) -> web.Response:

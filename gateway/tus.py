@@ -27,7 +27,9 @@ from storage.errors import IncompleteBody
 from storage.keys import validate_key
 from storage.uploads import (
     CHECKSUM_ALGORITHMS,
+    BodyInterrupted,
     OffsetMismatch,
+    UploadInterrupted,
     UploadChecksumMismatch,
     UploadGone,
     UploadOptions,
@@ -142,7 +144,7 @@ def require_tus_resumable(headers: Any) -> None:
 # ------------------------------------------------------------------------------ errors
 def tus_error(exc: BaseException) -> web.Response | None:
     """Upload errors as tus statuses; everything else through the gateway's one mapping."""
-    if isinstance(exc, OffsetMismatch):
+    if isinstance(exc, (OffsetMismatch, UploadInterrupted)):
         return json_error(409, exc.code, exc.message, {"Upload-Offset": str(exc.offset)})
     if isinstance(exc, UploadGone):
         return json_error(410, exc.code, exc.message)
@@ -192,14 +194,17 @@ def upload_id_of(request: web.Request) -> str:
 
 
 async def patch_body(request: web.Request, stop: asyncio.Event, idle_timeout: float) -> AsyncIterator[bytes]:
-    """The PATCH body as pieces. Ends early (normally) when another request asks for the
-    upload's lock: the bytes so far are kept and the client resumes from the offset. A body
-    idle for ``idle_timeout`` or cut short raises, after which the bytes so far are kept too."""
+    """The PATCH body as pieces. Raises ``BodyInterrupted`` when another request asks for the
+    upload's lock: the bytes so far are kept (unless a checksum covers the whole body) and the
+    client resumes from the offset. A body idle for ``idle_timeout`` or cut short raises, after
+    which the bytes so far are kept too."""
     stream = request.content
     floor = UploadRateFloor.for_request(request)
     stopper = asyncio.ensure_future(stop.wait())
     try:
-        while not stop.is_set():
+        while True:
+            if stop.is_set():
+                raise BodyInterrupted("another request asked for the upload")
             read = asyncio.ensure_future(stream.readany())
             done, _ = await asyncio.wait({read, stopper}, timeout=idle_timeout or None,
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -207,7 +212,7 @@ async def patch_body(request: web.Request, stop: asyncio.Event, idle_timeout: fl
                 read.cancel()
                 await asyncio.gather(read, return_exceptions=True)
                 if stop.is_set():
-                    return
+                    raise BodyInterrupted("another request asked for the upload")
                 raise HTTPError(408, "body_timeout",
                                 f"the request body stalled for {idle_timeout:g} s; the bytes received so far were kept")
             try:
@@ -260,7 +265,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     content_type = upload_content_type(key, metadata.get("content-type") or metadata.get("filetype"))
     sessions = sessions_of(request)
     status = await sessions.create(key, length=length, metadata=raw_metadata.strip(), content_type=content_type,
-                                   owner=owner_of(request))
+                                   owner=owner_of(request), meta={k: v or "" for k, v in metadata.items()})
     location = str(request.url.origin().join(request.app.router["tus_upload"].url_for(id=status.id)))
     if body:  # creation-with-upload
         try:
