@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
 
-from gateway import objects, tus
+from gateway import objects, security, tus
 from gateway.auth import auth_middleware
 from gateway.config import ConfigError, ServeConfig
 from gateway.errors import error_middleware, json_error
@@ -75,6 +77,7 @@ def stack_options(cfg: ServeConfig) -> StackOptions:
 def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any = None) -> web.Application:
     """The gateway for ``cfg``. ``backend``: use this raw backend instead of opening ``cfg.store``
     (tests); ``faults``: a fault plan injected under the store (tests and debugging)."""
+    _secure_aiohttp_error_answers()
     metrics = Metrics()
     opts = stack_options(cfg)
     if faults is None and cfg.fault_rate > 0:
@@ -190,6 +193,12 @@ async def _clear_stale_locks(locks: Any, every: float) -> None:
 async def decorate_response(request: web.Request, response: web.StreamResponse) -> None:
     """Headers every response carries, set just before headers go out (streamed responses too)."""
     response.headers.setdefault("X-Request-Id", request.get("request_id", ""))
+    # After aiohttp's own defaults (this hook runs once they are set), so its Server is replaced.
+    response.headers.update(security.EVERY_RESPONSE)
+    if security.is_gateway_page(request.path):
+        response.headers.update(security.PAGE_HEADERS)  # whatever the page's handler set
+    elif not request.get(objects.OBJECT_READ):
+        response.headers.setdefault("Content-Security-Policy", security.API_CSP)
     if request.app["traffic"].draining:
         response.force_close()  # shutting down: no more requests on this connection
     allow = request.get("cors_allow")
@@ -198,6 +207,41 @@ async def decorate_response(request: web.Request, response: web.StreamResponse) 
         response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
         if allow != "*":
             response.headers["Vary"] = "Origin"
+
+
+def _secure_aiohttp_error_answers() -> None:
+    """Make the answers aiohttp writes by itself like every other answer: JSON errors with the
+    headers every response carries.
+
+    A request aiohttp cannot parse (a bad request line or header, a line over 16 KiB) and an
+    exception that escapes every middleware are answered by ``RequestHandler.handle_error``,
+    which no application hook sees (aiohttp#3287, #8870). Those answers named Python's and
+    aiohttp's versions, had no nosniff, echoed the bad request bytes as text (or, for a 500 to a
+    browser, as HTML). aiohttp has no setting for this, so the method is wrapped, once per
+    process; the original still runs first, for its logging and its check that nothing was sent.
+    """
+    original = web.RequestHandler.handle_error
+    if getattr(original, "chunkgate_secured", False):
+        return
+
+    @functools.wraps(original)
+    def handle_error(self: web.RequestHandler, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        plain = original(self, request, status, exc, message)
+        if status < 500 and isinstance(plain, web.Response) and plain.text:
+            # aiohttp's first words say what was wrong; what follows ":" is the request's own bytes.
+            detail = plain.text.strip().split(":", 1)[0][:200]
+            text = f"the request could not be parsed: {detail}"
+        else:
+            text = "the gateway failed unexpectedly; the error is logged"
+        response = json_error(status, HTTPStatus(status).phrase.lower().replace(" ", "_"), text)
+        response.headers.update(security.EVERY_RESPONSE)
+        response.headers["Content-Security-Policy"] = security.API_CSP
+        response.force_close()  # as aiohttp's own: the connection's state is unknown
+        return response
+
+    handle_error.chunkgate_secured = True  # type: ignore[attr-defined]
+    web.RequestHandler.handle_error = handle_error  # type: ignore[method-assign]
 
 
 async def fallback(request: web.Request) -> web.StreamResponse:

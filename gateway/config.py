@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from gateway.security import ACTIVE_CONTENT_MODES
+
 
 class ConfigError(ValueError):
     """A bad setting. The message names it (``--chunk-size: ...``)."""
@@ -110,6 +112,7 @@ class ServeConfig:
     min_upload_rate: int = 1024  # bytes/s a request body must average after --body-timeout seconds
     fault_rate: float = 0.0  # debugging only: inject store faults at this rate
     fault_kinds: str = "all"
+    active_content: str = "sandbox"  # how uploads that are not media are served (gateway.security)
 
 
 # (flag, dest, parser, help). The env variable is CHUNKGATE_<FLAG> (upper case, '-' -> '_').
@@ -146,6 +149,8 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--min-upload-rate", "min_upload_rate", parse_size,
      "bytes/s a request body must average once --body-timeout has passed; slower gets 408 (0 = off)"),
     ("--store-max-rps", "store_max_rps", float, "store requests per second at most (0 = unlimited)"),
+    ("--active-content", "active_content", str,
+     "how uploads that are not media are served: sandbox (default), attachment, or inline (only on a host of its own)"),
     ("--fault-rate", "fault_rate", parse_ratio, "DEBUG: inject store faults into this share of store calls"),
     ("--fault-kinds", "fault_kinds", str, "DEBUG: comma-separated error, throttle, latency, truncate, or all"),
 ]
@@ -206,6 +211,8 @@ def validate(cfg: ServeConfig) -> None:
         raise ConfigError("--lock-timeout: must be positive")
     if cfg.verify_reads not in ("sha256", "none"):
         raise ConfigError("--verify-reads: must be sha256 or none")
+    if cfg.active_content not in ACTIVE_CONTENT_MODES:
+        raise ConfigError("--active-content: must be sandbox, attachment or inline")
     if cfg.log_format not in ("text", "json"):
         raise ConfigError("--log-format: must be text or json")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):

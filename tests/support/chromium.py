@@ -7,21 +7,26 @@ port and binding it. The page target comes from ``/json/list``; commands go over
 websocket client. Only what the tests need: ``navigate``, ``evaluate``, and ``wait_for`` (polling
 ``Runtime.evaluate`` until an expression is truthy, since media events fire on the page's clock).
 
+``serve_pages`` serves fixed pages from a little server of their own (another port, so another
+origin than the gateway's), as a site embedding media from the gateway would.
+
 Never: leave the browser running (``close`` terminates it and waits), or reuse a profile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import aiohttp
+from aiohttp import web
 
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -156,3 +161,23 @@ class Chromium:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+@contextlib.asynccontextmanager
+async def serve_pages(pages: dict[str, str]) -> AsyncIterator[str]:
+    """Serve ``pages`` (path -> HTML) on a free loopback port; yields the origin's base URL."""
+    app = web.Application()
+    for path, html in pages.items():
+        async def page(request: web.Request, html: str = html) -> web.Response:
+            return web.Response(text=html, content_type="text/html")
+
+        app.router.add_get(path, page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
