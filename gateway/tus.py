@@ -291,6 +291,7 @@ async def head(request: web.Request) -> web.StreamResponse:
     sessions = sessions_of(request)
     async with sessions.lock(upload_id, owner=owner_of(request)) as lease:
         status = await sessions.status(upload_id, lease)
+    request["chunkgate.upload_offset"] = status.offset
     return web.Response(status=200, headers=status_headers(status))
 
 
@@ -302,6 +303,7 @@ async def patch(request: web.Request) -> web.StreamResponse:
     offset = parse_uint(request.headers.get("Upload-Offset"), "Upload-Offset")
     if offset is None:
         raise HTTPError(400, "bad_header", "Upload-Offset is required")
+    request["chunkgate.upload_offset"] = offset
     length = parse_uint(request.headers.get("Upload-Length"), "Upload-Length")
     checksum = parse_checksum(request.headers.get("Upload-Checksum"))
     status = await _append(request, upload_id, offset=offset, length=length, checksum=checksum)
