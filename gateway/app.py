@@ -16,6 +16,7 @@ from gateway import objects, tus
 from gateway.auth import auth_middleware
 from gateway.config import ServeConfig
 from gateway.errors import error_middleware, json_error
+from gateway.hooks import HookClient
 from gateway.metrics import Metrics, metrics_handler
 from storage.backends.base import Backend
 from storage.objects import ObjectStore, StoreOptions
@@ -101,6 +102,9 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     app["store"] = store
     app["started"] = time.time()
     app["traffic"] = Traffic()
+    if cfg.hook_url:
+        app["hooks"] = HookClient(cfg.hook_url, timeout=cfg.hook_timeout)
+    metrics.attach_hooks(app.get("hooks"))  # at 0 without hooks: the dashboard's panels still have series
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -138,6 +142,8 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
         uploads = app.get("uploads")
         if uploads is not None and hasattr(uploads, "close"):
             await uploads.close()
+        if "hooks" in app:
+            await app["hooks"].close()
         await store.close()
         close_locks = getattr(store.locks, "close", None)
         if close_locks is not None:  # store leases: stop renewals, release records still held

@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from gateway import hooks
 from gateway.errors import HTTPError, json_error, to_response
 from gateway.objects import BODY_READ_ERRORS, UploadRateFloor, upload_content_type
 from storage.errors import IncompleteBody
@@ -34,6 +35,7 @@ from storage.uploads import (
     UploadSessions,
     UploadState,
     UploadStatus,
+    new_upload_id,
     valid_upload_id,
 )
 
@@ -258,9 +260,11 @@ async def create(request: web.Request) -> web.StreamResponse:
         raise HTTPError(415, "unsupported_media_type", f"an upload's bytes must be sent as {OFFSET_CONTENT_TYPE}")
     checksum = parse_checksum(request.headers.get("Upload-Checksum")) if body else None
     content_type = upload_content_type(key, metadata.get("content-type") or metadata.get("filetype"))
+    upload_id = new_upload_id()  # chosen first, so the pre-create hook can name it
+    await hooks.authorize(request, key=key, size=length, content_type=content_type, metadata=metadata, upload_id=upload_id)
     sessions = sessions_of(request)
     status = await sessions.create(key, length=length, metadata=raw_metadata.strip(), content_type=content_type,
-                                   owner=owner_of(request))
+                                   owner=owner_of(request), upload_id=upload_id)
     location = str(request.url.origin().join(request.app.router["tus_upload"].url_for(id=status.id)))
     if body:  # creation-with-upload
         try:

@@ -322,13 +322,15 @@ class UploadSessions:
 
     # -------------------------------------------------------------------------- create
     async def create(self, key: str, *, length: int | None, metadata: str, content_type: str,
-                     owner: str = "tus-create") -> UploadStatus:
+                     owner: str = "tus-create", upload_id: str | None = None) -> UploadStatus:
+        """A new session; ``upload_id``: the id to give it (``new_upload_id()``), when the caller
+        had to name it before (the pre-create hook), else a fresh one."""
         keys.validate_key(key)
         if length is not None and length > self.options.max_size:
             raise UploadTooLarge(f"the upload is {length} bytes; at most {self.options.max_size} are accepted")
         now = self._clock()
         record = UploadRecord(
-            id=new_upload_id(), key=key, version=keys.new_version(), length=length,
+            id=upload_id or new_upload_id(), key=key, version=keys.new_version(), length=length,
             chunk_size=self.options.chunk_size, content_type=content_type, metadata=metadata,
             created=now, expires=now + self.options.expiry,
         )

@@ -7,7 +7,9 @@ input (DevTools ``DOM.setFileInputFiles``, what the file dialog does), reloads t
 PATCH is in flight, picks the same file again, and the page continues the upload it finds in its
 origin's localStorage (tus-js-client's fingerprint + URL storage). The gateway's access log must
 show the resume — a HEAD answering a non-zero offset and the next PATCH starting there — and the
-stored object must be byte-exact.
+stored object must be byte-exact. The app's pre-create hook (a receiver in the test) admits the
+upload because the page passes the app's session in an ``X-App-Session`` header, and is asked
+once: resuming is not creating.
 
 Chromium's network emulation slows the upload down (as a real uplink would), so the reload
 reliably lands mid-upload.
@@ -32,6 +34,7 @@ from gateway.config import ServeConfig
 from storage.backends.fs import FsBackend
 from tests.support.chromium import Chromium, chromium_binary
 from tests.support.gateway import in_process_gateway
+from tests.support.hooks import HookReceiver
 
 JS_DIR = Path(__file__).parent / "js"
 PAGE = JS_DIR / "browser-upload.html"
@@ -93,8 +96,11 @@ async def test_browser_upload_resumes_after_a_reload_from_the_stored_offset(
     path.write_bytes(data)
     key = "browser/holiday.mp4"
     caplog.set_level(logging.INFO, logger="chunkgate.access")
-    cfg = ServeConfig(cors_origins=app_origin)
-    async with in_process_gateway(cfg, backend=FsBackend(tmp_path / "store")) as (gateway, app), \
+    # The app's pre-create hook admits only its own signed-in users: the page passes the session.
+    receiver = HookReceiver(lambda e: (200, "") if e["headers"].get("X-App-Session") == "s3cret" else (401, "sign in"))
+    async with receiver, \
+            in_process_gateway(ServeConfig(cors_origins=app_origin, hook_url=receiver.url),
+                               backend=FsBackend(tmp_path / "store")) as (gateway, app), \
             Chromium() as browser:
         page = f"{app_origin}/upload.html?" + urlencode({"gateway": gateway, "key": key, "token": "s3cret"})
         await browser.send("Network.enable")
@@ -123,6 +129,9 @@ async def test_browser_upload_resumes_after_a_reload_from_the_stored_offset(
         stats = app["uploads"].stats
 
     assert len(body) == SIZE and hashlib.sha256(body).digest() == hashlib.sha256(data).digest()
+    (asked,) = receiver.of_type("pre-create")  # once: resuming is not creating
+    assert asked["key"] == key and asked["size"] == SIZE and asked["headers"]["X-App-Session"] == "s3cret"
+    assert report["resumedFrom"].endswith("/uploads/" + asked["upload_id"])
     requests = tus_requests(caplog.records)
     creates = [r for r in requests if r[0] == "POST"]
     assert len(creates) == 1, requests  # the reloaded page created no second upload
