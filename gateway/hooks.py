@@ -4,7 +4,9 @@ Two uses of one HTTP client. ``pre-create`` is asked synchronously, before a PUT
 a tus upload is created, and decides: 2xx allows, 4xx refuses (403 ``rejected_by_hook`` with the
 hook's body cut to 1 KiB), anything else fails closed (503). ``post-finish`` and ``post-delete``
 are recorded in the store with their commit and delivered by ``storage.outbox``, which calls
-``HookClient.deliver`` for one attempt at a time and retries on the schedule of ``backoff_delay``.
+``HookClient.deliver`` for one attempt at a time and retries each key on its own backoff schedule
+(``storage.outbox.backoff_delay``: the outbox owns the clock, and must not hold a key's delivery
+lease while it waits).
 
 Event building and the refusal message are pure functions (table-tested); I/O is ``HookClient``.
 
@@ -18,11 +20,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import random
 import uuid
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -110,14 +111,6 @@ def refusal_message(body: bytes, status: int) -> str:
     or a sentence naming the status when the hook said nothing."""
     text = body[:REFUSAL_LIMIT].decode("utf-8", errors="ignore").strip()
     return text or f"the upload was refused by the application's pre-create hook (HTTP {status})"
-
-
-def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 60.0, rand: Callable[[], float] = random.random) -> float:
-    """Seconds to wait before retry number ``attempt`` (1 = the first retry): exponential with
-    full jitter (uniform in [0, min(cap, base * 2^(attempt-1))]), so that many gateways retrying
-    a hook that came back do not arrive in lockstep. ``rand`` returns [0, 1)."""
-    ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
-    return ceiling * rand()
 
 
 # ------------------------------------------------------------------------------ the client

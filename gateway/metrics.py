@@ -43,7 +43,7 @@ METRIC_NAMES = frozenset(
     chunkgate_uploads_created_total chunkgate_uploads_completed_total chunkgate_uploads_aborted_total
     chunkgate_uploads_expired_total chunkgate_uploads_in_progress chunkgate_upload_bytes_total
     chunkgate_gc_runs_total chunkgate_gc_deleted_total
-    chunkgate_hook_deliveries_total chunkgate_hook_outbox_oldest_age_seconds
+    chunkgate_hook_deliveries_total chunkgate_hook_outbox_oldest_age_seconds chunkgate_hook_outbox_pending
     """.split()
 )
 
@@ -214,8 +214,10 @@ def _hook_families(hooks: Any, outbox: Any) -> Iterable[Any]:
             fam.add_metric([kind, outcome], counts.get((kind, outcome), 0))
     yield fam
     yield _gauge("chunkgate_hook_outbox_oldest_age_seconds",
-                 "Age of the oldest post-* event not yet delivered (0 when none is pending)",
+                 "Age of the oldest post-* event known to be undelivered (0 when none is)",
                  outbox.oldest_age() if outbox is not None else 0.0)
+    yield _gauge("chunkgate_hook_outbox_pending", "post-* events known to be undelivered",
+                 outbox.pending() if outbox is not None else 0)
 
 
 class _DomainCollector:

@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import ConfigError, ServeConfig, parse_serve_args
-from gateway.hooks import Outcome, backoff_delay, classify, forwarded_headers, pre_create_event, refusal_message
+from gateway.hooks import Outcome, classify, forwarded_headers, pre_create_event, refusal_message
 from storage.backends.fs import FsBackend
 from tests.support.gateway import in_process_gateway
 from tests.support.hooks import HookReceiver
@@ -70,14 +70,6 @@ def test_refusal_message_is_the_hooks_body_cut_to_1_kib(body: bytes, status: int
                                             (500, Outcome.ERROR), (503, Outcome.ERROR)])
 def test_classify(status: int, outcome: Outcome) -> None:
     assert classify(status) is outcome
-
-
-@pytest.mark.parametrize(
-    "attempt,rand,expected",
-    [(1, 0.999999, 0.5), (2, 0.999999, 1.0), (3, 0.5, 1.0), (8, 0.999999, 60.0), (30, 0.999999, 60.0), (5, 0.0, 0.0)],
-)
-def test_backoff_is_exponential_capped_and_fully_jittered(attempt: int, rand: float, expected: float) -> None:
-    assert backoff_delay(attempt, base=0.5, cap=60.0, rand=lambda: rand) == pytest.approx(expected, rel=1e-5)
 
 
 def test_pre_create_event_has_the_api_fields() -> None:
