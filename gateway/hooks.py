@@ -20,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import uuid
-from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, Mapping
 
@@ -29,6 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.errors import HTTPError
+from storage.outbox import new_event_id, rfc3339
 
 log = logging.getLogger("chunkgate.hooks")
 
@@ -60,16 +59,6 @@ class Outcome(str, Enum):
 
 
 # ------------------------------------------------------------------------------ pure parts
-def new_event_id() -> str:
-    return uuid.uuid4().hex
-
-
-def rfc3339(when: datetime | None = None) -> str:
-    """``2026-11-22T10:00:00.123Z``: UTC, milliseconds."""
-    when = when or datetime.now(timezone.utc)
-    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The request headers that identify the caller to the app: ``Authorization`` and ``X-*``.
     Repeated headers are joined with ", " (RFC 9110 list syntax); names keep their case."""

@@ -33,13 +33,15 @@ still land; hold a delivery lease while it waits out a backoff.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import random
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
 
@@ -56,25 +58,36 @@ Deliver = Callable[[Event], Awaitable[bool]]  # True when the application acknow
 
 
 class Record(Protocol):
-    """What the outbox needs of a key's current manifest record (or tombstone)."""
+    """What the outbox needs of a key's current record: a manifest, or a tombstone (``manifest``
+    None) that a DELETE left while it had events to deliver."""
+
+    @property
+    def key(self) -> str: ...
 
     @property
     def etag(self) -> str: ...
+
+    @property
+    def manifest(self) -> Any: ...
 
     @property
     def events(self) -> Sequence[Event]: ...
 
 
 class EventRecords(Protocol):
-    """The commit component's two calls the outbox uses (``storage.manifests``)."""
+    """The calls of the commit component (``storage.manifests.ManifestStore``) the outbox uses."""
 
     async def read(self, key: str) -> Record | None:
         """The key's record as stored now, or None when there is none."""
         ...
 
-    async def set_events(self, key: str, expected: Any, events: Sequence[Event]) -> Any:
+    async def set_events(self, expected: Any, events: Sequence[Event]) -> Any:
         """Rewrite only the events list of ``expected`` (a record ``read`` returned), as a
-        conditional write; its outcome is not trusted here: the next ``read`` tells."""
+        conditional write. Its outcome is not relied on here: the next ``read`` tells."""
+        ...
+
+    async def remove_tombstone(self, current: Any) -> bool:
+        """Remove a tombstone that carries no events, conditionally; True if it is gone."""
         ...
 
 
@@ -142,6 +155,46 @@ def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 60.0, rand: C
     jitter (uniform in [0, min(cap, base * 2^(attempt-1))]), so that gateways retrying an
     application that comes back do not all arrive at once. ``rand`` returns [0, 1)."""
     return min(cap, base * (2 ** min(max(0, attempt - 1), 62))) * rand()
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+def rfc3339(when: datetime | None = None) -> str:
+    """``2026-11-22T10:00:00.123Z``: UTC, milliseconds (the ``time`` of every event)."""
+    when = when or datetime.now(timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def metadata_map(upload_metadata: str | None) -> dict[str, str]:
+    """tus ``Upload-Metadata`` (already validated when the upload was created) as the string
+    map events carry; a key without a value maps to ""."""
+    out: dict[str, str] = {}
+    for pair in (upload_metadata or "").split(","):
+        parts = pair.strip().split(" ")
+        if not parts[0]:
+            continue
+        try:
+            out[parts[0]] = base64.b64decode(parts[1]).decode("utf-8") if len(parts) > 1 and parts[1] else ""
+        except (ValueError, UnicodeDecodeError):
+            out[parts[0]] = ""
+    return out
+
+
+def post_finish_event(*, key: str, size: int, etag: str, version: str, content_type: str,
+                      upload_id: str | None = None, metadata: Mapping[str, str] | None = None,
+                      event_id: str | None = None, time: str | None = None) -> dict[str, Any]:
+    """The post-finish event of API.md: an object was committed (by PUT: no upload id, {} metadata)."""
+    return {"id": event_id or new_event_id(), "type": "post-finish", "time": time or rfc3339(), "key": key,
+            "size": size, "etag": etag, "version": version, "content_type": content_type,
+            "upload_id": upload_id, "metadata": dict(metadata or {})}
+
+
+def post_delete_event(*, key: str, version: str, event_id: str | None = None, time: str | None = None) -> dict[str, Any]:
+    """The post-delete event of API.md: ``version`` is the one deleted."""
+    return {"id": event_id or new_event_id(), "type": "post-delete", "time": time or rfc3339(), "key": key,
+            "version": version}
 
 
 def delivery_lock(key: str) -> str:
@@ -341,9 +394,12 @@ class Outbox:
         while True:
             events = list(record.events) if record is not None else []
             self._note_pending(key, events, recorded)
-            if not events or budget <= 0:
-                if not events:
-                    self._succeeded(key)
+            if budget <= 0:
+                return record
+            if not events:
+                self._succeeded(key)
+                if record is not None and record.manifest is None and await self.records.remove_tombstone(record):
+                    return None  # a delete whose events are all delivered leaves nothing behind
                 return record
             head = events[0]
             if str(head.get("id")) not in delivered:
@@ -357,7 +413,7 @@ class Outbox:
             else:
                 budget -= 1  # the rewrite below lost to a concurrent commit, which carried it forward
             lease.check()
-            await self.records.set_events(key, record, events[1:])
+            await self.records.set_events(record, events[1:])
             record = await self.records.read(key)
 
     async def _deliver_renewing(self, event: Event, lease: Any) -> bool:

@@ -35,11 +35,15 @@ from storage.outbox import (
     Verdict,
     backoff_delay,
     delivery_lock,
+    event_time,
     judge_pointer,
+    metadata_map,
     parse_pointer,
     parse_pointer_name,
     pointer_body,
     pointer_key,
+    post_delete_event,
+    post_finish_event,
 )
 from tests.support.hooks import HookReceiver
 
@@ -105,6 +109,33 @@ def test_backoff_is_exponential_capped_and_fully_jittered(attempt: int, rand: fl
     assert backoff_delay(attempt, base=0.5, cap=60.0, rand=lambda: rand) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ("key dmlkZW9zL2EubXA0,filetype dmlkZW8vbXA0", {"key": "videos/a.mp4", "filetype": "video/mp4"}),
+        ("key dmlkZW9zL2EubXA0,is_private", {"key": "videos/a.mp4", "is_private": ""}),
+        ("name w6l0w6k=", {"name": "été"}),
+        ("", {}),
+        (None, {}),
+    ],
+)
+def test_metadata_map_is_the_tus_metadata_as_strings(raw: str | None, expected: dict[str, str]) -> None:
+    assert metadata_map(raw) == expected
+
+
+def test_post_events_have_the_api_fields() -> None:
+    put = post_finish_event(key="v/a.mp4", size=10, etag='"e"', version="v1", content_type="video/mp4")
+    assert set(put) == {"id", "type", "time", "key", "size", "etag", "version", "content_type", "upload_id", "metadata"}
+    assert put["type"] == "post-finish" and put["upload_id"] is None and put["metadata"] == {}
+    assert put["time"].endswith("Z") and event_time(put) is not None
+    tus = post_finish_event(key="v/a.mp4", size=10, etag='"e"', version="v1", content_type="video/mp4",
+                            upload_id="u" * 32, metadata={"key": "v/a.mp4"})
+    assert tus["upload_id"] == "u" * 32 and tus["metadata"] == {"key": "v/a.mp4"} and tus["id"] != put["id"]
+    deleted = post_delete_event(key="v/a.mp4", version="v1")
+    assert set(deleted) == {"id", "type", "time", "key", "version"} and deleted["type"] == "post-delete"
+    assert parse_pointer_name(pointer_key(put["id"], 1.0)) == (1.0, put["id"])  # ids fit pointer names
+
+
 def test_delivery_lock_never_names_an_object_keys_lock() -> None:
     from storage.keys import BadKey, validate_key
 
@@ -115,9 +146,11 @@ def test_delivery_lock_never_names_an_object_keys_lock() -> None:
 # ------------------------------------------------------------------------------ the commit side, as agreed
 @dataclass(frozen=True)
 class Current:
+    key: str
     etag: str
     events: tuple[dict[str, Any], ...]
     version: str
+    manifest: Any = "a manifest"  # the outbox only asks whether it is a tombstone (None)
 
 
 class JsonRecords:
@@ -133,15 +166,18 @@ class JsonRecords:
         except NotFound:
             return None
         doc = json.loads(blob.data)
-        return Current(blob.etag, tuple(doc["events"]), doc["version"])
+        return Current(key, blob.etag, tuple(doc["events"]), doc["version"])
 
-    async def set_events(self, key: str, expected: Current, events: Sequence[dict[str, Any]]) -> str:
+    async def set_events(self, expected: Current, events: Sequence[dict[str, Any]]) -> str:
         doc = {"version": expected.version, "events": list(events)}
         try:
-            await self.backend.put(f"m/{key}", json.dumps(doc).encode(), if_match=expected.etag)
+            await self.backend.put(f"m/{expected.key}", json.dumps(doc).encode(), if_match=expected.etag)
         except PreconditionFailed:
             return "lost"
         return "committed"
+
+    async def remove_tombstone(self, current: Current) -> bool:
+        return False  # no deletes here
 
     async def commit(self, key: str, *, land: bool = True, clock: float | None = None) -> dict[str, Any]:
         """A post-finish commit: pointer first, then the conditional write (skipped with
