@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from gateway import objects, security, tus
 from gateway.auth import auth_middleware
 from gateway.config import ConfigError, ServeConfig
 from gateway.errors import error_middleware, json_error
+from gateway.hooks import HookClient
 from gateway.metrics import Metrics, metrics_handler
 from storage.backends.base import Backend
 from storage.leases import StoreLockManager
@@ -35,6 +37,7 @@ CORS_EXPOSE_HEADERS = ("Content-Range, Content-Length, Accept-Ranges, ETag, Last
                        "Location, Upload-Offset, Upload-Length, Upload-Expires, Upload-Metadata, Tus-Resumable, "
                        "Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm")
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_APP_HEADER = re.compile(r"^[Xx]-[A-Za-z0-9-]{1,64}$")
 
 
 @dataclass
@@ -105,6 +108,9 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     app["store"] = store
     app["started"] = time.time()
     app["traffic"] = Traffic()
+    if cfg.hook_url:
+        app["hooks"] = HookClient(cfg.hook_url, timeout=cfg.hook_timeout)
+    metrics.attach_hooks(app.get("hooks"))  # at 0 without hooks: the dashboard's panels still have series
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -143,6 +149,8 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
         uploads = app.get("uploads")
         if uploads is not None and hasattr(uploads, "close"):
             await uploads.close()
+        if "hooks" in app:
+            await app["hooks"].close()
         await store.close()
         close_locks = getattr(store.locks, "close", None)
         if close_locks is not None:  # store leases: stop renewals, release records still held
@@ -304,11 +312,15 @@ def observe_middleware(metrics: Metrics) -> Any:
             metrics.http_in_flight.dec()
             metrics.request_done(request, status, seconds)
             sent = request.get("chunkgate.bytes_sent", 0)
-            access_log.info(
-                "%s %s %s %d %d %.4f", request.remote, request.method, _loggable_target(request), status, sent, seconds,
-                extra={"request_id": rid, "method": request.method, "path": request.path, "status": status,
-                       "bytes_sent": sent, "duration_s": round(seconds, 6), "remote": request.remote},
-            )
+            fields = {"request_id": rid, "method": request.method, "path": request.path, "status": status,
+                      "bytes_sent": sent, "duration_s": round(seconds, 6), "remote": request.remote}
+            line, args = "%s %s %s %d %d %.4f", [request.remote, request.method, _loggable_target(request), status, sent, seconds]
+            offset = request.get("chunkgate.upload_offset")
+            if offset is not None:  # tus HEAD/PATCH: where the upload stood, so a resume shows in the log
+                fields["upload_offset"] = offset
+                line += " upload_offset=%d"
+                args.append(offset)
+            access_log.info(line, *args, extra=fields)
 
     return middleware
 
@@ -346,6 +358,14 @@ def upload_cap_middleware(limit: int) -> Any:
     return middleware
 
 
+def app_headers(request: web.Request) -> str:
+    """The ``X-*`` headers a preflight asks for, to add to the allowed ones: a web app passes its
+    own credentials that way (``X-App-Session``), and the pre-create hook receives them."""
+    asked = request.headers.get("Access-Control-Request-Headers", "")
+    names = [h.strip() for h in asked.split(",") if _APP_HEADER.match(h.strip())]
+    return "".join(f", {name}" for name in names[:16])
+
+
 def cors_middleware(origins_setting: str) -> Any:
     origins = {o.strip() for o in origins_setting.split(",") if o.strip()}
     any_origin = "*" in origins
@@ -369,7 +389,7 @@ def cors_middleware(origins_setting: str) -> Any:
             return web.Response(status=204, headers={
                 "Access-Control-Allow-Origin": allow,
                 "Access-Control-Allow-Methods": methods,
-                "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
+                "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS + app_headers(request),
                 "Access-Control-Expose-Headers": CORS_EXPOSE_HEADERS,
                 "Access-Control-Max-Age": "600",
                 "Vary": "Origin",

@@ -18,7 +18,7 @@ from urllib.parse import unquote_to_bytes
 from aiohttp import ClientPayloadError, EofStream, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway import conditions, ranges, security
+from gateway import conditions, hooks, ranges, security
 from gateway.errors import HTTPError
 from gateway.mediatypes import guess_content_type, normalize_content_type
 from storage.errors import ChunkRejected, ChunkSizeDrift, IncompleteBody, ObjectError, PreconditionNotMet
@@ -89,6 +89,7 @@ async def put_object(request: web.Request) -> web.Response:
     if sha is not None and not _HEX64.match(sha.strip()):
         raise HTTPError(400, "bad_checksum", "X-Checksum-SHA256 must be 64 hex digits")
     length = request.content_length  # None for chunked bodies: then the stream decides
+    await hooks.authorize(request, key=key, size=length, content_type=content_type)  # before a body byte is read
 
     def check(current_etag: str | None) -> None:
         if conditions.evaluate_write(request.headers, current_etag=current_etag) is not conditions.Outcome.PROCEED:

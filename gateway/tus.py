@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from gateway import hooks
 from gateway.errors import HTTPError, json_error, to_response
 from gateway.objects import BODY_READ_ERRORS, UploadRateFloor, upload_content_type
 from storage.errors import IncompleteBody
@@ -36,6 +37,7 @@ from storage.uploads import (
     UploadSessions,
     UploadState,
     UploadStatus,
+    new_upload_id,
     valid_upload_id,
 )
 
@@ -263,9 +265,12 @@ async def create(request: web.Request) -> web.StreamResponse:
         raise HTTPError(415, "unsupported_media_type", f"an upload's bytes must be sent as {OFFSET_CONTENT_TYPE}")
     checksum = parse_checksum(request.headers.get("Upload-Checksum")) if body else None
     content_type = upload_content_type(key, metadata.get("content-type") or metadata.get("filetype"))
+    upload_id = new_upload_id()  # chosen first, so the pre-create hook can name it
+    await hooks.authorize(request, key=key, size=length, content_type=content_type, metadata=metadata, upload_id=upload_id)
     sessions = sessions_of(request)
     status = await sessions.create(key, length=length, metadata=raw_metadata.strip(), content_type=content_type,
-                                   owner=owner_of(request), meta={k: v or "" for k, v in metadata.items()})
+                                   owner=owner_of(request), meta={k: v or "" for k, v in metadata.items()},
+                                   upload_id=upload_id)
     location = str(request.url.origin().join(request.app.router["tus_upload"].url_for(id=status.id)))
     if body:  # creation-with-upload
         try:
@@ -296,6 +301,7 @@ async def head(request: web.Request) -> web.StreamResponse:
     sessions = sessions_of(request)
     async with sessions.lock(upload_id, owner=owner_of(request)) as lease:
         status = await sessions.status(upload_id, lease)
+    request["chunkgate.upload_offset"] = status.offset
     return web.Response(status=200, headers=status_headers(status))
 
 
@@ -307,6 +313,7 @@ async def patch(request: web.Request) -> web.StreamResponse:
     offset = parse_uint(request.headers.get("Upload-Offset"), "Upload-Offset")
     if offset is None:
         raise HTTPError(400, "bad_header", "Upload-Offset is required")
+    request["chunkgate.upload_offset"] = offset
     length = parse_uint(request.headers.get("Upload-Length"), "Upload-Length")
     checksum = parse_checksum(request.headers.get("Upload-Checksum"))
     status = await _append(request, upload_id, offset=offset, length=length, checksum=checksum)

@@ -365,7 +365,10 @@ class UploadSessions:
 
     # -------------------------------------------------------------------------- create
     async def create(self, key: str, *, length: int | None, metadata: str, content_type: str,
-                     owner: str = "tus-create", meta: dict[str, str] | None = None) -> UploadStatus:
+                     owner: str = "tus-create", meta: dict[str, str] | None = None,
+                     upload_id: str | None = None) -> UploadStatus:
+        """A new session; ``upload_id``: the id to give it (``new_upload_id()``), when the caller
+        had to name it before (the pre-create hook), else a fresh one."""
         # A key the store cannot hold is refused here, before anything is stored: found only at
         # commit time, it left an upload that could never complete and pinned its chunks.
         self.store.manifests.check_key(key)
@@ -373,7 +376,7 @@ class UploadSessions:
             raise UploadTooLarge(f"the upload is {length} bytes; at most {self.options.max_size} are accepted")
         now = self._clock()
         record = UploadRecord(
-            id=new_upload_id(), key=key, version=keys.new_version(now), length=length,
+            id=upload_id or new_upload_id(), key=key, version=keys.new_version(now), length=length,
             chunk_size=self.options.chunk_size, content_type=content_type, metadata=metadata,
             created=now, expires=now + self.options.expiry, meta=dict(meta or {}),
         )

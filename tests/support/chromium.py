@@ -122,6 +122,19 @@ class Chromium:
         if result.get("errorText"):
             raise CDPError(f"navigating to {url}: {result['errorText']}")
 
+    async def reload(self) -> None:
+        """What the user's reload button does: the page starts over; its origin's storage stays."""
+        await self.send("Page.reload", {"ignoreCache": False})
+
+    async def set_input_files(self, selector: str, paths: list[str]) -> None:
+        """Choose ``paths`` in the ``<input type=file>`` that ``selector`` names, as the file
+        dialog would: the page sees real ``File`` objects and a ``change`` event."""
+        found = await self.send("Runtime.evaluate", {"expression": f"document.querySelector({json.dumps(selector)})"})
+        object_id = found.get("result", {}).get("objectId")
+        if not object_id:
+            raise CDPError(f"no element matches {selector!r}")
+        await self.send("DOM.setFileInputFiles", {"files": [str(p) for p in paths], "objectId": object_id})
+
     async def evaluate(self, expression: str) -> Any:
         """The JSON value of ``expression`` in the page (promises are awaited)."""
         result = await self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
