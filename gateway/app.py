@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import objects, tus
+from gateway import objects, tus, webui
 from gateway.auth import TOKEN_PATH, admin_sign, auth_middleware, redact_path
 from gateway.config import ServeConfig
 from gateway.errors import error_middleware, json_error
@@ -105,6 +105,7 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/admin/locks", admin_locks)
     app.router.add_post("/admin/sign", admin_sign)
+    webui.setup(app)
     app.router.add_get("/objects", objects.list_objects)
     app.router.add_get("/objects/", objects.list_objects)
     tus.setup(app)
