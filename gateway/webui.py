@@ -7,8 +7,8 @@ The page is plain files and calls the same public API as any client (listing, tu
 
 Must never: serve a file from outside ``gateway/ui/`` (the set of names is fixed when the app is
 built, and a request only ever looks a name up in it), let the page load anything from another
-origin (its Content-Security-Policy says so), or tell the page more than which of tokens and
-signed reads are on.
+origin (its Content-Security-Policy, ``gateway.security.PAGE_CSP``, says so), or tell the page
+more than which of tokens and signed reads are on.
 """
 
 from __future__ import annotations
@@ -30,15 +30,10 @@ _TYPES = {
     ".png": "image/png",
     ".svg": "image/svg+xml",
 }
-# default-src 'self': nothing from another origin, no inline script or style, no eval.
-# media-src blob: because hls.js plays through Media Source Extensions, which hands the <video>
-# a blob: URL; nothing else needs more than 'self'.
-UI_CSP = ("default-src 'self'; media-src 'self' blob:; object-src 'none'; base-uri 'none'; "
-          "form-action 'none'; frame-ancestors 'none'")
+# The page's Content-Security-Policy and the other page headers come from gateway.security
+# (PAGE_HEADERS, applied to every /ui answer in gateway.app.decorate_response), one definition for
+# every page of the gateway.
 UI_HEADERS = {
-    "Content-Security-Policy": UI_CSP,
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
     # The files change only with the package: revalidate (ETag/Last-Modified) so an upgrade shows.
     "Cache-Control": "no-cache",
 }

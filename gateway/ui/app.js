@@ -222,8 +222,7 @@
     }
     video.dataset.key = obj.key;
     if (kind === "hls" && window.Hls && window.Hls.isSupported()) {
-      // No worker: hls.js would start it from a blob: URL, which the page's CSP doesn't allow.
-      const hls = new window.Hls({ enableWorker: false });
+      const hls = new window.Hls();
       state.hls = hls;
       hls.on(window.Hls.Events.ERROR, (_event, data) => {
         if (data.fatal) fail("Playback failed", new Error(data.details + (data.response ? " (HTTP " + data.response.code + ")" : "")));
