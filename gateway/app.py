@@ -161,7 +161,8 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
         await store.backend.close()
 
     app.on_response_prepare.append(decorate_response)
-    app.on_startup.append(on_startup)
+    # First: the store's check and probe come before anything that uses the store (the tus sweeper).
+    app.on_startup.insert(0, on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
 

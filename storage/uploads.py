@@ -450,6 +450,7 @@ class UploadSessions:
 
         await self._remove(durable.debris, lease)
         durable.debris = []
+        await self._expect(durable, lease)
         tail_bytes = b""
         if durable.tail is not None:
             blob = await _guard("reading the upload's last chunk", self.backend.get(durable.tail.key))
@@ -502,8 +503,20 @@ class UploadSessions:
         if error is not None:
             raise error
         if durable.done_receiving:
-            await self._complete(durable, lease)
+            # This request carried the last bytes: its commit is now, over whatever is current.
+            await self._complete(durable, lease, inline=session.received > 0)
         return self._status(durable)
+
+    async def _expect(self, durable: _Durable, lease: Any) -> None:
+        """Before a PATCH writes bytes, record what the key holds now. If this request dies
+        after the last byte lands but before the commit, a later request finishing the upload
+        commits only over exactly that: a write to the key that came in between (an
+        acknowledged PUT, say) is never overwritten by this older upload."""
+        record = durable.record
+        expected = identity(await self.store.record(record.key))
+        if not record.replaces_known or record.replaces != expected:
+            record.replaces, record.replaces_known = expected, True
+            await self._put_record(durable, lease)
 
     # -------------------------------------------------------------------------- terminate
     async def terminate(self, upload_id: str, lease: Any) -> None:
@@ -535,7 +548,7 @@ class UploadSessions:
         seen_live: set[str] = set()
         ids: list[str] = []
         tails: dict[str, list[ObjectInfo]] = {}
-        async for info in self.backend.list(keys.UPLOAD_PREFIX):
+        async for info in self._list(keys.UPLOAD_PREFIX):
             rest = info.key[len(keys.UPLOAD_PREFIX):]
             upload_id, _, tail = rest.partition("/")
             if tail == "info" and valid_upload_id(upload_id):
@@ -642,8 +655,15 @@ class UploadSessions:
         return UploadRecord.from_json(blob.data), blob.etag
 
     async def _keys(self, prefix: str) -> Any:
-        async for info in self.backend.list(prefix):
+        async for info in self._list(prefix):
             yield info.key
+
+    async def _list(self, prefix: str) -> Any:
+        try:
+            async for info in self.backend.list(prefix):
+                yield info
+        except (TransientError, PermanentError) as exc:
+            raise from_backend(exc, f"listing {prefix}") from exc
 
     async def _load(self, upload_id: str, lease: Any) -> _Durable:
         """The upload as stored; an upload past its expiry is expired here (under the lease)."""
@@ -652,8 +672,8 @@ class UploadSessions:
             raise UploadGone(f"upload {upload_id} was {'terminated' if record.state is UploadState.ABORTED else 'expired'}")
         if record.state is UploadState.COMPLETE:
             return _Durable(record, etag, [], None, [])
-        chunks = [i async for i in self.backend.list(keys.chunk_prefix(record.key, record.version))]
-        tails = [i async for i in self.backend.list(tail_prefix(upload_id))]
+        chunks = [i async for i in self._list(keys.chunk_prefix(record.key, record.version))]
+        tails = [i async for i in self._list(tail_prefix(upload_id))]
         good, tail, debris = durable_layout(record, chunks, tails)
         durable = _Durable(record, etag, good, tail, debris)
         if record.state in (UploadState.PENDING, UploadState.RECEIVING) and record.expires <= self._clock():
@@ -698,15 +718,16 @@ class UploadSessions:
             self.store.cache.discard(k)
         await self._remove(doomed, lease)
 
-    async def _complete(self, durable: _Durable, lease: Any) -> None:
+    async def _complete(self, durable: _Durable, lease: Any, *, inline: bool = False) -> None:
         """All bytes are in: commit the upload's manifest under the object key's lock (same
-        verification as a PUT) and record ``complete``. Also finishes a commit that a crash or a
-        failure left in ``committing``, never over a version that came after it."""
+        verification as a PUT) and record ``complete``. ``inline``: called by the request that
+        carried the last bytes. Otherwise this finishes what a crash or a failure left behind,
+        and never over anything written to the key since the last bytes were sent."""
         record = durable.record
         if record.state is UploadState.COMPLETE:
             return
         try:
-            await self._commit(durable, lease)
+            await self._commit(durable, lease, inline=inline)
         except BadKey as exc:
             # The store cannot hold the key (refused outright, nothing landed): the upload can
             # never complete, so it ends here instead of pinning its chunks forever.
@@ -761,12 +782,14 @@ class UploadSessions:
             block_size=self.store.options.block_size,
         )
 
-    async def _commit(self, durable: _Durable, lease: Any) -> None:
+    async def _commit(self, durable: _Durable, lease: Any, *, inline: bool) -> None:
         """The commit protocol of an upload (README, "Commits"): under the object key's lock,
-        read the key's record; first time, record ``committing`` with the version it replaces
-        (durably, before the manifest write); then commit by a conditional write over exactly
-        that record. Already ours: complete. Another version than the one recorded: a later
-        write came first, and this upload completes as superseded, never committed over it."""
+        read the key's record. Already ours: complete. Then the record to commit over: by the
+        request that carried the last bytes (``inline``), whatever is current; by any later
+        one, only what the last writing request saw (``_expect``) or what ``committing``
+        recorded. Anything else means a later write came first, and the upload completes as
+        superseded, never committed over it. ``committing`` is recorded, with what it
+        replaces, durably before the manifest is written by a conditional write over it."""
         record = durable.record
         manifest: Manifest | None = None
         async with self.locks.hold(record.key, owner=f"tus-commit {record.id}", timeout=self.options.lock_timeout) as key_lease:
@@ -775,7 +798,7 @@ class UploadSessions:
                 current = await self.store.record(record.key)
                 if version_of(current) == record.version:
                     break  # an earlier attempt landed (its answer or our record was lost)
-                if record.state is UploadState.COMMITTING and record.replaces_known:
+                if record.replaces_known and (record.state is UploadState.COMMITTING or not inline):
                     if identity(current) != record.replaces:
                         await self._supersede(durable, lease, version_of(current))
                         return

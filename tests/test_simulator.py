@@ -70,8 +70,8 @@ def test_a_seed_replays_exactly() -> None:
 
 # The fixes the simulator finds within a few hundred workloads are checked here; all of them
 # (with the seed and operation count at which each is found) by `python -m tests.sim --mutants`.
-FAST_MUTANTS = ["m2_gc_protected_after", "m3_unknown_deletes", "m4_key_at_commit", "m5_interrupted_460",
-                "m8_no_intents"]
+FAST_MUTANTS = ["m1_tus_recommit", "m2_gc_protected_after", "m3_unknown_deletes", "m4_key_at_commit",
+                "m5_interrupted_460", "m8_no_intents", "m10_deferred_commit"]
 
 
 @pytest.mark.parametrize("name", FAST_MUTANTS)

@@ -65,6 +65,8 @@ class OpRecord:
     upload: UploadModel | None = None
     checksum_ok: bool = False
     acked_upload: bool = False
+    sent: int = 0  # a PATCH: bytes of its body the gateway took
+    first_byte_at: float = 0.0
 
     def __str__(self) -> str:
         return f"op {self.id} {self.kind} {self.key!r} on {self.gateway}"
@@ -156,6 +158,7 @@ class Checker:
                 self.fail(f"I2: version {after} of {t.key!r} became current a second time (resurrected) by op {t.op}")
             seen.add(after)
         op = self.ops.get(t.op) if t.op is not None else None
+        self._check_deferred_upload_commit(t, op)
         writer = self._writer_op(t)
         if writer is not None and writer.responded is not None and t.time > writer.responded:
             if writer.outcome == "ok":
@@ -173,6 +176,32 @@ class Checker:
         if op is not None and op.kind not in ("put", "delete", "get", "fsck", "tus_patch", "tus_head", "tus_create",
                                               "tus_terminate", "sweep"):
             self.fail(f"I2: {op} changed the record of {t.key!r} ({before} -> {after}): only commits may")
+
+    def _check_deferred_upload_commit(self, t: Transition, op: OpRecord | None) -> None:
+        """A tus upload committed by a request other than the one that sent its last bytes (a
+        HEAD, the sweeper, a retry after that request failed) replaces only what the key held
+        when those bytes were sent: never a write that came in between."""
+        if t.after is None or t.after.manifest is None or not t.after.manifest.extra.get("upload"):
+            return
+        upload_id = t.after.manifest.extra["upload"]
+        writes = [r for r in self.ops.values() if r.kind == "tus_patch" and r.upload is not None
+                  and r.upload.id == upload_id and r.sent > 0 and r.invoked <= t.time]
+        if not writes or (op is not None and op in writes and op is max(writes, key=lambda r: r.invoked)):
+            return
+        last = max(writes, key=lambda r: r.invoked)
+        # That request may itself have decided to commit over what it found then (recording
+        # ``committing``): a later request only carries that decision out.
+        decided = [w[0] for w in self.world.store.record_writes
+                   if w[3] == last.id and w[1] == keys.UPLOAD_PREFIX + upload_id + "/info" and b'"state":"committing"' in w[2]]
+        cutoff = max([last.first_byte_at, *decided])
+        between = [x for x in self.world.store.transitions
+                   if x.key == t.key and cutoff < x.time < t.time and _version(x.before) != _version(x.after)
+                   and not (x.after is not None and x.after.manifest is not None
+                            and x.after.manifest.extra.get("upload") == upload_id)]
+        if between:
+            self.fail(f"I2: upload {upload_id} was committed at t={t.time:.3f} by {op}, over "
+                      f"{_version(t.before)} written at t={between[-1].time:.3f}, after its last bytes were sent "
+                      f"(op {last.id} from t={last.first_byte_at:.3f}, decided by {cutoff:.3f})")
 
     def _writer_op(self, t: Transition) -> OpRecord | None:
         """The write operation whose version this transition commits (a PUT), or whose delete
@@ -210,12 +239,13 @@ class Checker:
             return
         if not record.get("superseded"):
             self.fail(f"I2: upload {upload.id} was reported complete ({rec}) but its version {version} never committed")
-        # Since the request that decided to commit began (it read what it replaces then; its
-        # record saying so may land much later, delayed on the wire).
-        committing = [self.ops[w[3]].invoked if w[3] in self.ops else w[0] for w in self.world.store.record_writes
-                      if w[1] == keys.UPLOAD_PREFIX + upload.id + "/info" and b'"state":"committing"' in w[2]]
-        since = min(committing) if committing else 0.0
+        # Since the request that recorded what the upload replaces began (it read the key then;
+        # its record saying so may land much later, delayed on the wire).
         was = record.get("replaces")
+        recorded = [self.ops[w[3]].invoked if w[3] in self.ops else w[0] for w in self.world.store.record_writes
+                    if w[1] == keys.UPLOAD_PREFIX + upload.id + "/info" and json.loads(w[2]).get("replaces") == was
+                    and json.loads(w[2]).get("replaces_known")]
+        since = min(recorded) if recorded else 0.0
         replaced = [t for t in log if t.key == upload.key and t.time >= since and identity(t.before) == was
                     and identity(t.after) != was]
         if not replaced:

@@ -184,6 +184,7 @@ class Driver:
         gw = self._gateway(op)
         record = OpRecord(len(self.ops), kind, gw.name, KEYS[op.key % len(KEYS)], self.loop.time())
         self.ops.append(record)
+        self.checker.ops[record.id] = record  # known while it runs: its writes are judged then
         coro = getattr(self, f"_op_{kind}")(gw, record, op)
         task = gw.spawn(self._observe(record, coro), record.id)
         self.running.append((record, task))
@@ -303,7 +304,7 @@ class Driver:
             async with gw.sessions.lock(upload.id, owner=f"op{rec.id}") as lease:
                 status = await gw.sessions.append(upload.id, lease, offset=offset, checksum=checksum,
                                                   content_length=len(piece),
-                                                  body=self._patch_body(piece, lease.release_requested))
+                                                  body=self._patch_body(piece, lease.release_requested, rec))
         except Exception as exc:
             new_offset = getattr(exc, "offset", None)
             if isinstance(new_offset, int):
@@ -312,7 +313,7 @@ class Driver:
         self._saw_status(upload, status, rec)
         return status
 
-    async def _patch_body(self, data: bytes, stop: asyncio.Event) -> AsyncIterator[bytes]:
+    async def _patch_body(self, data: bytes, stop: asyncio.Event, rec: OpRecord) -> AsyncIterator[bytes]:
         """As gateway.tus.patch_body: stops when another request asks for the upload's lock."""
         step = max(1, len(data) // 3)
         for i in range(0, len(data), step):
@@ -322,6 +323,9 @@ class Driver:
                 raise BodyInterrupted("another request asked for the upload")
             if self.rng.random() < 0.5:
                 await asyncio.sleep(self.rng.choice((0.0, 0.001, 0.01)))
+            if not rec.sent:
+                rec.first_byte_at = self.loop.time()
+            rec.sent += len(data[i:i + step])
             yield data[i:i + step]
 
     async def _op_tus_head(self, gw: SimGateway, rec: OpRecord, op: Op) -> Any:
@@ -408,6 +412,7 @@ class Driver:
         rec = OpRecord(len(self.ops), "tus_head", gw.name, upload.key, self.loop.time())
         rec.upload = upload
         self.ops.append(rec)
+        self.checker.ops[rec.id] = rec
         try:
             for attempt in range(5):
                 try:

@@ -1,7 +1,7 @@
 # Fix 1 reverted: a tus upload in committing commits again over whatever is current.
 import pathlib
 p = pathlib.Path("storage/uploads.py"); s = p.read_text()
-old = '''                if record.state is UploadState.COMMITTING and record.replaces_known:
+old = '''                if record.replaces_known and (record.state is UploadState.COMMITTING or not inline):
                     if identity(current) != record.replaces:
                         await self._supersede(durable, lease, version_of(current))
                         return
