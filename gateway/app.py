@@ -14,8 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import objects, security, tus
-from gateway.auth import auth_middleware
+from gateway import objects, security, tus, webui
+from gateway.auth import TOKEN_PATH, admin_sign, auth_middleware, redact_path
 from gateway.config import ConfigError, ServeConfig
 from gateway.errors import error_middleware, json_error
 from gateway.hooks import HookClient, delivered
@@ -130,12 +130,15 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/admin/locks", admin_locks)
+    app.router.add_post("/admin/sign", admin_sign)
+    webui.setup(app)
     app.router.add_get("/objects", objects.list_objects)
     app.router.add_get("/objects/", objects.list_objects)
     tus.setup(app)
     app["uploads"].announce = outbox is not None  # a tus upload's commit carries post-finish
     # [\s\S] (not .) so that keys with a percent-encoded newline reach the handler and get a 400.
     app.router.add_route("*", r"/objects/{key:[\s\S]+}", objects.object_dispatch)
+    app.router.add_route("*", r"/t/{token}/objects/{key:[\s\S]+}", objects.signed_object_dispatch)
     app.router.add_route("*", r"/{path:[\s\S]*}", fallback)
 
     async def on_startup(app: web.Application) -> None:
@@ -275,6 +278,8 @@ async def fallback(request: web.Request) -> web.StreamResponse:
     # URL normalization (a '..' segment) can route /objects/... requests here: still a bad key.
     if request.raw_path.startswith("/objects/"):
         return await objects.object_dispatch(request)
+    if request.raw_path.startswith(TOKEN_PATH):
+        return await objects.signed_object_dispatch(request)
     return json_error(404, "not_found", f"no route for {request.method} {request.path}")
 
 
@@ -331,7 +336,7 @@ def observe_middleware(metrics: Metrics) -> Any:
             metrics.http_in_flight.dec()
             metrics.request_done(request, status, seconds)
             sent = request.get("chunkgate.bytes_sent", 0)
-            fields = {"request_id": rid, "method": request.method, "path": request.path, "status": status,
+            fields = {"request_id": rid, "method": request.method, "path": redact_path(request.path), "status": status,
                       "bytes_sent": sent, "duration_s": round(seconds, 6), "remote": request.remote}
             line, args = "%s %s %s %d %d %.4f", [request.remote, request.method, _loggable_target(request), status, sent, seconds]
             offset = request.get("chunkgate.upload_offset")
@@ -345,13 +350,14 @@ def observe_middleware(metrics: Metrics) -> Any:
 
 
 def _loggable_target(request: web.Request) -> str:
-    """Path and query for the access log, with a signed URL's signature blanked: until it
-    expires, a logged signature is a credential anyone who reads the logs could replay."""
+    """Path and query for the access log, with a signed URL's signature and a path's prefix
+    token blanked: until it expires, a logged credential is one anyone who reads the logs could
+    replay."""
     if len(request.path_qs) >= 2048:
-        return request.path
+        return redact_path(request.path)
     if "signature" not in request.query:
-        return request.path_qs
-    return str(request.rel_url.update_query(signature="REDACTED"))
+        return redact_path(request.path_qs)
+    return redact_path(str(request.rel_url.update_query(signature="REDACTED")))
 
 
 def upload_cap_middleware(limit: int) -> Any:

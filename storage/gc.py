@@ -231,7 +231,7 @@ async def collect(
     if dry_run:
         return report
     await _delete(backend, doomed, report, progress)
-    await _sweep_leftovers(backend, seen, now=now, grace=grace)
+    await _sweep_leftovers(backend, seen, {kid for kid, _ in protected}, now=now, grace=grace)
     return report
 
 
@@ -260,14 +260,16 @@ async def _delete(backend: Backend, doomed: list[_Chunk], report: GcReport,
     report.chunks_deleted -= report.delete_errors
 
 
-async def _sweep_leftovers(backend: Backend, seen: _Referenced, *, now: float, grace: float) -> None:
-    """Records that only a crash leaves for long: tombstones a DELETE could not remove (each by
-    a conditional delete, so a commit over it since is never taken along) and expired intents."""
+async def _sweep_leftovers(backend: Backend, seen: _Referenced, busy_kids: set[str], *, now: float,
+                           grace: float) -> None:
+    """Tombstones older than the grace period whose key no writer may still commit over (each
+    removed by a conditional delete, so a commit over it since is never taken along; see
+    storage.manifests on why a live upload keeps its key's tombstone), and expired intents."""
     from storage.manifests import ManifestStore
 
     records = ManifestStore(backend)
     for tomb in seen.tombstones:
-        if now - (tomb.deleted_at or 0.0) >= grace:
+        if now - (tomb.deleted_at or 0.0) >= grace and keys.key_id(tomb.key) not in busy_kids:
             await records.remove_tombstone(tomb)
     for intent in await intents.scan(backend):
         if intent.expires <= now:

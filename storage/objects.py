@@ -107,7 +107,7 @@ class ObjectStore:
         self.clock = clock
         self.manifests = ManifestStore(backend, clock=clock)
         self.cache: ChunkCache[StoredChunk] = ChunkCache(self.options.cache_bytes, lambda c: len(c.data) + 64)
-        self._manifests: TTLCache = TTLCache(maxsize=4096, ttl=self.options.manifest_ttl)
+        self._manifests: TTLCache = TTLCache(maxsize=4096, ttl=self.options.manifest_ttl, timer=clock)
         self._manifest_reads: dict[str, tuple[int, asyncio.Future[Current]]] = {}
         self._manifest_writes = 0  # bumped by every commit/delete/repair of this process
         self._pending_gc: set[asyncio.Task[None]] = set()
@@ -335,9 +335,7 @@ class ObjectStore:
                                  "time": datetime.fromtimestamp(self.clock(), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")},)
                 result = await self.commit_record(key, None, current, lease, attempt, events=announce)
                 if result.outcome is Outcome.COMMITTED:
-                    assert result.current is not None
-                    await self.manifests.remove_tombstone(result.current)
-                    return
+                    return  # the tombstone stays until gc (storage.manifests explains why)
                 if result.outcome is Outcome.UNKNOWN:
                     raise StoreUnavailable(f"the store failed deleting and the outcome is unknown: {result.error}",
                                            retry_after=getattr(result.error, "retry_after", None), outcome_unknown=True)
