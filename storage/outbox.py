@@ -21,9 +21,10 @@ exponentially backed off with full jitter. A pointer is deleted once its event i
 the record *and* the record is no longer the one it replaces (its commit then either landed and
 was delivered, or can never land); a pointer whose commit neither landed nor can be ruled out (a
 crash between pointer and commit, a lost conditional write) is dropped with a warning after
-``horizon``. A tombstone (a DELETE's record, kept while its post-delete is undelivered) is removed
-only by a pass, after its key's pointers were judged against it: judged against "no record" a
-delivered create's pointer would look like a create still in flight.
+``horizon``. Tombstones (a DELETE's record) are never removed here: gc removes them once old,
+without events, and with no upload that may still commit over the key (``storage.manifests``).
+That matters for the pointers too: judged against "no record", a delivered create's pointer
+would look like a create still in flight.
 
 The delivery lease is its own lock name (``delivery_lock``), not the key's write lock: a slow or
 hanging application must never make PUTs of that key wait.
@@ -31,7 +32,8 @@ hanging application must never make PUTs of that key wait.
 Must never: import aiohttp or ``gateway`` (delivery is the ``deliver`` callable it is given);
 build events (the commit side does); remove an event before ``deliver`` said it was delivered;
 deliver a key's events out of list order, or two events of one key at once from this process;
-delete a pointer whose commit may still land; hold a delivery lease while it waits out a backoff.
+delete a pointer whose commit may still land; hold a delivery lease while it waits out a backoff;
+remove a record (a tombstone goes through gc only).
 """
 
 from __future__ import annotations
@@ -152,7 +154,6 @@ class OutboxStats:
     failed_attempts: int = 0
     pointers_done: int = 0
     pointers_expired: int = 0
-    tombstones_removed: int = 0
     passes: int = 0
 
 
@@ -309,13 +310,9 @@ class Outbox:
             try:
                 # timeout=0: when another gateway holds this key's deliveries, it is on them.
                 async with self.locks.hold(delivery_lock(key), owner=self._owner, timeout=0) as lease:
-                    record, drained = await self._deliver_all(key, pointers, lease)
+                    record = await self._deliver_all(key, pointers, lease)
                     if pointers:
                         await self._sweep(key, pointers, record)
-                        if drained and record is not None and record.manifest is None:
-                            # A delete whose events are all delivered leaves nothing behind.
-                            if await self.records.remove_tombstone(record):
-                                self.stats.tombstones_removed += 1
             except LockTimeout:
                 return
             except LeaseLost as exc:
@@ -326,9 +323,9 @@ class Outbox:
                 log.warning("delivering events of %r failed: %s", key, exc)
                 self._retry_later(key)
 
-    async def _deliver_all(self, key: str, pointers: Sequence[Pointer], lease: Any) -> tuple[Current | None, bool]:
+    async def _deliver_all(self, key: str, pointers: Sequence[Pointer], lease: Any) -> Current | None:
         """Deliver the record's events head first, removing each once acknowledged. Returns the
-        record as last read (for judging pointers) and whether every event is delivered."""
+        record as last read (for judging pointers)."""
         recorded = {p.event_id: p.written for p in pointers}
         delivered: set[str] = set()  # acknowledged in this drain, maybe not yet removed
         budget = 8  # rewrites lost to concurrent commits before leaving the rest to the next pass
@@ -338,16 +335,16 @@ class Outbox:
             self._note_pending(key, events, recorded)
             if not events:
                 self._succeeded(key)
-                return record, True
+                return record
             if budget <= 0:
-                return record, False
+                return record
             head = events[0]
             if str(head.get("id")) not in delivered:
                 lease.renew()
                 if not await self._deliver_renewing(head, lease):
                     self.stats.failed_attempts += 1
                     self._retry_later(key)
-                    return record, False
+                    return record
                 self.stats.delivered += 1
                 delivered.add(str(head.get("id")))
             else:
