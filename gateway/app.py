@@ -18,11 +18,12 @@ from gateway import objects, security, tus, webui
 from gateway.auth import TOKEN_PATH, admin_sign, auth_middleware, redact_path
 from gateway.config import ConfigError, ServeConfig
 from gateway.errors import error_middleware, json_error
-from gateway.hooks import HookClient
+from gateway.hooks import HookClient, delivered
 from gateway.metrics import Metrics, metrics_handler
 from storage.backends.base import Backend
 from storage.leases import StoreLockManager
 from storage.objects import ObjectStore, StoreOptions
+from storage.outbox import Outbox, OutboxOptions
 from storage.probe import StoreCapabilities, apply, probe
 from storage.stack import StackOptions, build_store, innermost
 from storage.tolerance import SizeTolerance
@@ -62,6 +63,14 @@ def store_options(cfg: ServeConfig) -> StoreOptions:
         lock_timeout=cfg.lock_timeout,
         intent_seconds=max(cfg.upload_expiry, 3600.0),
     )
+
+
+def outbox_options(cfg: ServeConfig) -> OutboxOptions:
+    # A pointer older than one scan interval is not its committing gateway's any more (that one
+    # delivered at once, or is backing off): any gateway's pass takes it, so a dead one's events
+    # are delivered within about two intervals plus --lock-stale-after.
+    return OutboxOptions(interval=cfg.hook_scan_interval, takeover_after=cfg.hook_scan_interval,
+                         retry_cap=cfg.hook_retry_max, retry_base=min(0.5, cfg.hook_retry_max))
 
 
 def stack_options(cfg: ServeConfig) -> StackOptions:
@@ -108,9 +117,14 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     app["store"] = store
     app["started"] = time.time()
     app["traffic"] = Traffic()
+    outbox: Outbox | None = None
     if cfg.hook_url:
-        app["hooks"] = HookClient(cfg.hook_url, timeout=cfg.hook_timeout)
-    metrics.attach_hooks(app.get("hooks"))  # at 0 without hooks: the dashboard's panels still have series
+        hooks = app["hooks"] = HookClient(cfg.hook_url, timeout=cfg.hook_timeout)
+        # post-* events: recorded by each commit in the key's record, delivered from there.
+        outbox = app["outbox"] = Outbox(store.backend, store.manifests, store.locks, functools.partial(delivered, hooks),
+                                        options=outbox_options(cfg), owner=f"outbox {getattr(store.locks, 'gateway', '')}".strip())
+        store.on_committed = outbox.kick
+    metrics.attach_hooks(app.get("hooks"), outbox)  # at 0 without hooks: the dashboard's panels still have series
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -121,6 +135,7 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     app.router.add_get("/objects", objects.list_objects)
     app.router.add_get("/objects/", objects.list_objects)
     tus.setup(app)
+    app["uploads"].announce = outbox is not None  # a tus upload's commit carries post-finish
     # [\s\S] (not .) so that keys with a percent-encoded newline reach the handler and get a 400.
     app.router.add_route("*", r"/objects/{key:[\s\S]+}", objects.object_dispatch)
     app.router.add_route("*", r"/t/{token}/objects/{key:[\s\S]+}", objects.signed_object_dispatch)
@@ -144,6 +159,8 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
             # serve deletes the versions it replaces itself: periodic gc only sweeps crash leftovers.
             gc_grace = max(cfg.grace, MIN_PERIODIC_GC_GRACE)
             app["background"].append(asyncio.ensure_future(run_periodically(store, cfg.gc_interval, gc_grace, count)))
+        if outbox is not None:
+            await outbox.start()
 
     async def on_cleanup(app: web.Application) -> None:
         for task in app.get("background", []):
@@ -152,6 +169,8 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
         uploads = app.get("uploads")
         if uploads is not None and hasattr(uploads, "close"):
             await uploads.close()
+        if outbox is not None:  # an event cut off mid-delivery stays recorded: delivered after a restart
+            await outbox.close()
         if "hooks" in app:
             await app["hooks"].close()
         await store.close()

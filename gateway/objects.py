@@ -122,6 +122,7 @@ async def put_object(request: web.Request) -> web.Response:
         sha256_hex=sha.strip() if sha else None,
         check=check if ("If-Match" in request.headers or "If-None-Match" in request.headers) else None,
         owner=owner_of(request),
+        event=hooks.post_finish(request),
     )
     body = {"key": key, "size": manifest.size, "etag": manifest.etag, "version": manifest.version,
             "chunks": len(manifest.chunks)}
@@ -322,7 +323,7 @@ async def delete_object(request: web.Request) -> web.Response:
         if conditions.evaluate_write(request.headers, current_etag=current_etag) is not conditions.Outcome.PROCEED:
             raise PreconditionNotMet("the object's current state does not satisfy If-Match")
 
-    await store_of(request).delete(key, check=check, owner=owner_of(request))
+    await store_of(request).delete(key, check=check, owner=owner_of(request), event=hooks.post_delete(request))
     return web.Response(status=204)
 
 
