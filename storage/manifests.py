@@ -98,6 +98,28 @@ def version_of(current: Current | None) -> str | None:
     return current.version if current is not None else None
 
 
+class Contention:
+    """How long a writer keeps retrying after LOST. Only a loss to another state counts: a rewrite
+    of the same version (the hook outbox removing a delivered event, a repair) says nothing about
+    other writers winning, so it is simply retried, within a generous cap."""
+
+    def __init__(self, losses: int = 5, rounds: int = 50) -> None:
+        self.losses, self.rounds = losses, rounds
+
+    def __iter__(self) -> "Contention":
+        return self
+
+    def __next__(self) -> int:
+        if self.losses <= 0 or self.rounds <= 0:
+            raise StopIteration
+        self.rounds -= 1
+        return self.rounds
+
+    def lost(self, seen: "Current | None", result: CommitResult) -> None:
+        if identity(result.current) != identity(seen):
+            self.losses -= 1
+
+
 def identity(current: Current | None) -> str | None:
     """What a record means, for a writer that must commit over exactly what it saw: the version
     (rewrites of the same version -- repairs, events -- keep it), or which version a tombstone

@@ -41,7 +41,7 @@ from storage.errors import (
 )
 from storage.locks import Lease
 from storage.manifest import ChunkRef, Manifest
-from storage.manifests import CommitResult, Current, Event, ManifestStore, Outcome, version_of
+from storage.manifests import CommitResult, Contention, Current, Event, ManifestStore, Outcome, version_of
 from storage.tolerance import SizeTolerance, Verdict
 
 log = logging.getLogger("chunkgate.objects")
@@ -201,7 +201,8 @@ class ObjectStore:
         gateway's writers; a LOST write means another gateway's commit landed between our read
         and our write (a lease taken over), so read again and retry, boundedly."""
         key = manifest.key
-        for _ in range(5):
+        contention = Contention()
+        for _ in contention:
             current = await self.record(key)
             if version_of(current) == manifest.version:
                 attempt.committed = True  # an earlier attempt of ours landed after all
@@ -214,6 +215,7 @@ class ObjectStore:
             if result.outcome is Outcome.UNKNOWN:
                 raise StoreUnavailable(f"the store failed committing the manifest and its outcome is unknown: {result.error}",
                                        retry_after=getattr(result.error, "retry_after", None), outcome_unknown=True)
+            contention.lost(current, result)
         raise CommitConflict(f"gave up committing {key!r}: other writers kept winning")
 
     async def commit(self, manifest: Manifest, *, check: Callable[[str | None], None] | None = None,
@@ -322,7 +324,8 @@ class ObjectStore:
         delayed past a lease takeover cannot remove a version committed after its check."""
         async with self.locks.hold(key, owner=owner, timeout=self.options.lock_timeout) as lease:
             attempt = CommitAttempt()
-            for _ in range(5):
+            contention = Contention()
+            for _ in contention:
                 current = await self.record(key)
                 if current is None or current.manifest is None:
                     raise ObjectNotFound(f"no object at key {key!r}")
@@ -339,6 +342,7 @@ class ObjectStore:
                 if result.outcome is Outcome.UNKNOWN:
                     raise StoreUnavailable(f"the store failed deleting and the outcome is unknown: {result.error}",
                                            retry_after=getattr(result.error, "retry_after", None), outcome_unknown=True)
+                contention.lost(current, result)
             raise CommitConflict(f"gave up deleting {key!r}: other writers kept winning")
 
     def _delete_version_later(self, manifest: Manifest) -> None:

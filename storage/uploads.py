@@ -56,7 +56,7 @@ from storage.errors import (
 from storage.keys import BadKey
 from storage.locks import LeaseLost
 from storage.manifest import ChunkRef, Manifest, block_count
-from storage.manifests import Event, Outcome, identity, version_of
+from storage.manifests import Contention, Event, Outcome, identity, version_of
 from storage.objects import ChunkWriter, CommitAttempt, ObjectStore, sha256_hex
 
 log = logging.getLogger("chunkgate.uploads")
@@ -793,7 +793,8 @@ class UploadSessions:
         record = durable.record
         manifest: Manifest | None = None
         async with self.locks.hold(record.key, owner=f"tus-commit {record.id}", timeout=self.options.lock_timeout) as key_lease:
-            for _ in range(5):
+            contention = Contention()
+            for _ in contention:
                 lease.check()
                 current = await self.store.record(record.key)
                 if version_of(current) == record.version:
@@ -824,6 +825,7 @@ class UploadSessions:
                                            retry_after=getattr(result.error, "retry_after", None), outcome_unknown=True)
                 # LOST: the record changed under us. Same version (its events were rewritten):
                 # try again over it; another version: the next round supersedes.
+                contention.lost(current, result)
             else:
                 raise UploadConflict(f"upload {record.id}: the object kept changing while it was being committed")
         await self._mark_complete(durable, lease)
