@@ -329,7 +329,7 @@ async def test_a_store_that_ignores_conditions_is_refused_for_several_gateways(m
 async def test_store_failures_are_never_a_500(tmp_path: Path) -> None:
     statuses: dict[int, int] = {}
     with GatewayProcess(["--store", str(tmp_path / "store"), "--chunk-size", "4KiB", "--lock-timeout", "3s",
-                         "--fault-rate", "0.4", "--fault-kinds", "error,throttle,truncate,latency"]) as gw:
+                         "--fault-rate", "0.75", "--fault-kinds", "error,throttle,truncate,latency"]) as gw:
         async with aiohttp.ClientSession() as session:
 
             async def call(method: str, path: str, **kw: Any) -> None:
