@@ -19,12 +19,12 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, AsyncIterable, AsyncIterator, Callable
+from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable
 
 from cachetools import TTLCache
 
-from storage import keys
-from storage.backends.base import Backend, InvalidKey, NotFound, PermanentError, PreconditionFailed, TransientError
+from storage import hashing, keys, readplan
+from storage.backends.base import Backend, Blob, InvalidKey, NotFound, PermanentError, PreconditionFailed, TransientError
 from storage.cache import ChunkCache
 from storage.errors import (
     BodyTooLarge,
@@ -94,7 +94,7 @@ class ObjectStore:
         self.locks = locks
         self.options = options or StoreOptions()
         self.stats = IntegrityStats()
-        self.cache: ChunkCache[StoredChunk] = ChunkCache(self.options.cache_bytes, lambda c: len(c.data) + 64)
+        self.cache: ChunkCache[StoredChunk] = ChunkCache(self.options.cache_bytes, lambda c: _cost(len(c.data)))
         self._manifests: TTLCache = TTLCache(maxsize=4096, ttl=self.options.manifest_ttl)
         self._manifest_reads: dict[str, tuple[int, asyncio.Future[Current]]] = {}
         self._writing: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -359,43 +359,59 @@ class ObjectStore:
         """Yield bytes ``[start, end)`` of ``manifest``'s object, every chunk checked.
 
         Raises ``ChunkRejected`` (never serve) or ``ChunkSizeDrift`` (the manifest is being
-        repaired; the caller must not go on with headers computed from the old sizes)."""
+        repaired; the caller must not go on with headers computed from the old sizes). Closing
+        the generator early (a client that went away) gives up its read-ahead: fetches nobody
+        else waits for are cancelled."""
         refs = list(manifest.chunks_for(start, end))
-        # A cold read of a few KiB inside one chunk (a player's seek) fetches only the blocks it
-        # touches — verified against their recorded SHA-256 — instead of the whole chunk. Without
-        # block hashes (older or imported manifests), verification needs the whole chunk.
-        small = (
-            len(refs) == 1
-            and (not self.options.verify_reads or (refs[0].blocks is not None and manifest.block_size > 0))
-            and end - start <= self.options.small_read_bytes
-            and keys.chunk_key(manifest.key, manifest.version, refs[0].index) not in self.cache
-        )
-        if small:
+        # A cold read of a few KiB inside one chunk (a player's seek, a multi-range part) fetches
+        # only the blocks it touches — verified against their recorded SHA-256 and cached, so the
+        # next small read there costs nothing — instead of the whole chunk. Without block hashes
+        # (older or imported manifests), verification needs the whole chunk.
+        if refs and readplan.is_small_read(
+            len(refs), end - start, self.options.small_read_bytes, verify=self.options.verify_reads,
+            has_blocks=refs[0].blocks is not None and manifest.block_size > 0,
+        ) and keys.chunk_key(manifest.key, manifest.version, refs[0].index) not in self.cache:
             yield await self._read_small(manifest, refs[0], start, end)
             return
-        for n, ref in enumerate(refs):
-            for ahead in refs[n + 1 : n + 1 + self.options.readahead]:
-                self._prefetch(manifest, ahead)
-            chunk = await self.chunk(manifest, ref)
-            lo = max(start, ref.offset) - ref.offset
-            hi = min(end, ref.end) - ref.offset
-            if lo == 0 and hi == len(chunk.data):
-                yield chunk.data
-            else:
-                yield memoryview(chunk.data)[lo:hi]  # type: ignore[misc]
+        owner = object()  # this read's read-ahead claims
+        claimed: list[str] = []
+        try:
+            for n, ref in enumerate(refs):
+                # The window opens as the reader proves it is still there (each chunk it took
+                # widens it by one): a GET abandoned at once costs two chunks, not 1 + readahead.
+                window = min(self.options.readahead, n + 1)
+                for ahead in refs[n + 1 : n + 1 + window]:
+                    ck = keys.chunk_key(manifest.key, manifest.version, ahead.index)
+                    if ck in claimed:
+                        continue
+                    if not self.cache.prefetch(ck, self._fetcher(ck, manifest), size=_cost(ahead.size), owner=owner):
+                        break  # no free room: read on demand rather than evict someone's read-ahead
+                    claimed.append(ck)
+                ck = keys.chunk_key(manifest.key, manifest.version, ref.index)
+                if ck in claimed:
+                    claimed.remove(ck)
+                chunk = await self.chunk(manifest, ref, owner=owner)
+                lo = max(start, ref.offset) - ref.offset
+                hi = min(end, ref.end) - ref.offset
+                if lo == 0 and hi == len(chunk.data):
+                    yield chunk.data
+                else:
+                    yield memoryview(chunk.data)[lo:hi]  # type: ignore[misc]
+        finally:
+            if claimed:
+                self.cache.release(owner, claimed)
 
-    def _prefetch(self, manifest: Manifest, ref: ChunkRef) -> None:
-        ck = keys.chunk_key(manifest.key, manifest.version, ref.index)
-        self.cache.prefetch(ck, lambda: self._fetch_chunk(ck))
+    def _fetcher(self, ck: str, manifest: Manifest) -> Callable[[], Awaitable[StoredChunk]]:
+        return lambda: self._fetch_chunk(ck, manifest)
 
-    async def chunk(self, manifest: Manifest, ref: ChunkRef) -> StoredChunk:
+    async def chunk(self, manifest: Manifest, ref: ChunkRef, *, owner: object | None = None) -> StoredChunk:
         """One chunk, from the cache or the store (single-flight), checked against ``ref``."""
         ck = keys.chunk_key(manifest.key, manifest.version, ref.index)
-        stored = await self.cache.get(ck, lambda: self._fetch_chunk(ck))
+        stored = await self.cache.get(ck, self._fetcher(ck, manifest), size=_cost(ref.size), owner=owner)
         self._check(manifest, ref, len(stored.data), stored.sha256)
         return stored
 
-    async def _fetch_chunk(self, ck: str) -> StoredChunk:
+    async def _fetch_chunk(self, ck: str, manifest: Manifest) -> StoredChunk:
         try:
             blob = await self.backend.get(ck)
         except NotFound:
@@ -411,40 +427,58 @@ class ObjectStore:
             # Off the event loop, as on the write path: hashing an 8 MiB chunk takes ~5 ms, and on
             # the loop it stalled every response in flight (21% of the gateway's samples in a cold
             # GET profile, ops/bench); hashlib releases the GIL, so the loop keeps sending meanwhile.
-            digest = await asyncio.to_thread(_sha256_hex, blob.data) if len(blob.data) > 1 << 20 else _sha256_hex(blob.data)
+            digest = await asyncio.to_thread(hashing.sha256_hex, blob.data) if len(blob.data) > 1 << 20 \
+                else hashing.sha256_hex(blob.data)
         return StoredChunk(blob.data, digest)
 
     async def _read_small(self, manifest: Manifest, ref: ChunkRef, start: int, end: int) -> bytes:
         """A cold read of a few KiB inside one chunk: a player's seek should not wait for a whole
-        chunk. With verification on, the blocks the range touches are fetched and each is checked
-        against its recorded SHA-256; without it, just the range. The stored size is checked
-        either way (the store reports it with the range)."""
+        chunk. With verification on, each block the range touches is fetched once, checked
+        against its recorded SHA-256, and cached (a multi-range request of many tiny parts in one
+        block costs one block); without it, just the range. The stored size is checked either
+        way (the store reports it with the range)."""
         ck = keys.chunk_key(manifest.key, manifest.version, ref.index)
         lo, hi = start - ref.offset, end - ref.offset
+        if not self.options.verify_reads:
+            return (await self._get_range(manifest, ref, ck, lo, hi)).data
         bs = manifest.block_size
-        verify = self.options.verify_reads and ref.blocks is not None and bs > 0
-        fetch_lo, fetch_hi = ((lo // bs) * bs, min(-(-hi // bs) * bs, ref.size)) if verify else (lo, hi)
+        first, last = readplan.block_span(lo, hi, bs)
+        blocks = await asyncio.gather(*(
+            self.cache.get(f"{ck}#{b}", self._block_fetcher(manifest, ref, ck, b), size=_cost(min(bs, ref.size - b * bs)))
+            for b in range(first, last)
+        ))
+        if len(blocks) == 1:
+            view = memoryview(blocks[0].data)
+        else:
+            view = memoryview(b"".join(block.data for block in blocks))
+        return bytes(view[lo - first * bs:hi - first * bs])
+
+    def _block_fetcher(self, manifest: Manifest, ref: ChunkRef, ck: str, b: int) -> Callable[[], Awaitable[StoredChunk]]:
+        async def fetch() -> StoredChunk:
+            bs = manifest.block_size
+            blob = await self._get_range(manifest, ref, ck, b * bs, min((b + 1) * bs, ref.size))
+            bad = hashing.first_bad_block(blob.data, bs, ref.blocks, b, scheme=manifest.block_hash)  # type: ignore[arg-type]
+            if bad is not None:
+                self.stats.checksum_mismatch += 1
+                self.stats.size_rejected += 1
+                log.error("chunk block checksum mismatch: key=%r chunk=%d block=%d", manifest.key, ref.index, bad)
+                raise ChunkRejected(f"chunk {ref.index} of {manifest.key!r} has the right size but a block with the wrong SHA-256",
+                                    key=manifest.key, index=ref.index, expected=ref.size, actual=blob.size)
+            return StoredChunk(blob.data, None)
+
+        return fetch
+
+    async def _get_range(self, manifest: Manifest, ref: ChunkRef, ck: str, lo: int, hi: int) -> Blob:
         try:
-            blob = await self.backend.get(ck, start=fetch_lo, end=fetch_hi)
+            blob = await self.backend.get(ck, start=lo, end=hi)
         except NotFound:
             raise StoreFailed(f"chunk {ck} referenced by a committed manifest is missing") from None
         except TransientError as exc:
             raise StoreUnavailable(f"the store failed reading a chunk: {exc}", retry_after=exc.retry_after) from exc
         self._check(manifest, ref, blob.size, None)
-        if len(blob.data) != fetch_hi - fetch_lo:
-            raise StoreUnavailable(f"short read of {ck}: {len(blob.data)} of {fetch_hi - fetch_lo} bytes")
-        if not verify:
-            return blob.data
-        view = memoryview(blob.data)
-        first = fetch_lo // bs
-        for n, at in enumerate(range(0, len(view), bs)):
-            if hashlib.sha256(view[at:at + bs]).hexdigest() != ref.blocks[first + n]:  # type: ignore[index]
-                self.stats.checksum_mismatch += 1
-                self.stats.size_rejected += 1
-                log.error("chunk block checksum mismatch: key=%r chunk=%d block=%d", manifest.key, ref.index, first + n)
-                raise ChunkRejected(f"chunk {ref.index} of {manifest.key!r} has the right size but a block with the wrong SHA-256",
-                                    key=manifest.key, index=ref.index, expected=ref.size, actual=blob.size)
-        return bytes(view[lo - fetch_lo:hi - fetch_lo])
+        if len(blob.data) != hi - lo:
+            raise StoreUnavailable(f"short read of {ck}: {len(blob.data)} of {hi - lo} bytes")
+        return blob
 
     def _check(self, manifest: Manifest, ref: ChunkRef, actual: int, sha256: str | None) -> None:
         verdict = self.options.tolerance.verdict(ref.size, actual)
@@ -594,8 +628,10 @@ class ChunkWriter:
     async def _write(self, index: int, offset: int, data: bytes) -> ChunkRef:
         try:
             bs = self.store.options.block_size
-            # hashlib releases the GIL on large buffers: hash big chunks off the event loop.
-            digest, blocks = await asyncio.to_thread(_digests, data, bs) if len(data) > 1 << 20 else _digests(data, bs)
+            # One SHA-256 pass for the chunk, and a cheap digest per block in the same sweep over
+            # memory (storage.hashing). Both release the GIL on large buffers: hash off the loop.
+            digest, blocks = await asyncio.to_thread(hashing.hash_chunk, data, bs) if len(data) > 1 << 20 \
+                else hashing.hash_chunk(data, bs)
             ck = keys.chunk_key(self.key, self.version, index)
             backend = self.store.backend
             try:
@@ -656,23 +692,16 @@ async def _rechunk(body: AsyncIterable[bytes], chunk_size: int, limit: int | Non
         yield b"".join(pieces)
 
 
+def _cost(size: int) -> int:
+    """What a cached chunk or block of ``size`` bytes is charged against the cache budget."""
+    return size + 64
+
+
 def _key_too_long(key: str, exc: InvalidKey) -> keys.BadKey:
     """A key the store cannot hold: API.md allows 1024-byte keys, but an S3 store adds its prefix
     and the manifest record its 'm/', and the fs store refuses characters its filesystem can't
     hold safely (backslashes). That is the client's key, not a store failure: a 400 bad_key."""
     return keys.BadKey(f"this store cannot hold the key ({exc}); use a shorter or simpler key")
-
-
-def _sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _digests(data: bytes, block_size: int) -> tuple[str, tuple[str, ...] | None]:
-    """The chunk's SHA-256, and each block's when ``block_size`` is set."""
-    view = memoryview(data)
-    blocks = tuple(hashlib.sha256(view[i:i + block_size]).hexdigest() for i in range(0, len(data), block_size)) \
-        if block_size else None
-    return hashlib.sha256(data).hexdigest(), blocks
 
 
 def _verify_md5(header: str, digest: bytes) -> None:
