@@ -413,7 +413,7 @@ class ObjectStore:
 
     async def _fetch_chunk(self, ck: str, manifest: Manifest) -> StoredChunk:
         try:
-            blob = await self.backend.get(ck)
+            blob = await self.backend.get(ck, view=True)  # read-only and never mutated: no copy needed
         except NotFound:
             raise StoreFailed(f"chunk {ck} referenced by a committed manifest is missing") from None
         except TransientError as exc:
@@ -440,7 +440,7 @@ class ObjectStore:
         ck = keys.chunk_key(manifest.key, manifest.version, ref.index)
         lo, hi = start - ref.offset, end - ref.offset
         if not self.options.verify_reads:
-            return (await self._get_range(manifest, ref, ck, lo, hi)).data
+            return bytes((await self._get_range(manifest, ref, ck, lo, hi)).data)
         bs = manifest.block_size
         first, last = readplan.block_span(lo, hi, bs)
         blocks = await asyncio.gather(*(
@@ -470,7 +470,7 @@ class ObjectStore:
 
     async def _get_range(self, manifest: Manifest, ref: ChunkRef, ck: str, lo: int, hi: int) -> Blob:
         try:
-            blob = await self.backend.get(ck, start=lo, end=hi)
+            blob = await self.backend.get(ck, start=lo, end=hi, view=True)
         except NotFound:
             raise StoreFailed(f"chunk {ck} referenced by a committed manifest is missing") from None
         except TransientError as exc:

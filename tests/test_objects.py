@@ -317,10 +317,10 @@ class RangeRecordingBackend(MemoryBackend):
         super().__init__()
         self.chunk_reads: list[tuple[int, int | None]] = []
 
-    async def get(self, key, *, start=0, end=None):  # type: ignore[no-untyped-def]
+    async def get(self, key, *, start=0, end=None, view=False):  # type: ignore[no-untyped-def]
         if key.startswith(keys.CHUNK_PREFIX):
             self.chunk_reads.append((start, end))
-        return await super().get(key, start=start, end=end)
+        return await super().get(key, start=start, end=end, view=view)
 
 
 async def test_a_cold_seek_fetches_and_verifies_only_the_blocks_it_touches() -> None:
