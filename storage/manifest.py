@@ -65,7 +65,7 @@ class Manifest:
 
     def __post_init__(self) -> None:
         width = 2 * hashing.DIGEST_BYTES.get(self.block_hash, 0)
-        if any(c.blocks is not None and any(len(b) != width for b in c.blocks) for c in self.chunks):
+        if not all(c.blocks is None or all(map(width.__eq__, map(len, c.blocks))) for c in self.chunks):
             # Digests of another scheme (a tus upload recorded by an earlier release): drop them,
             # so the chunk is verified whole instead of by blocks that would never match.
             object.__setattr__(self, "chunks", tuple(
@@ -215,8 +215,7 @@ def _packed_blocks(raw: Any, size: int, block_size: int, i: int) -> tuple[str, .
         raise ManifestError(f"chunk {i} block_digests are not valid base64") from None
     if len(packed) != width * block_count(size, block_size):
         raise ManifestError(f"chunk {i} block_digests do not match its size and the block_size")
-    hexed = packed.hex()
-    return tuple(hexed[at:at + 2 * width] for at in range(0, len(hexed), 2 * width))
+    return tuple(packed.hex(" ", width).split()) if packed else ()  # C speed: 16k blocks in ~1 ms
 
 
 def _chunk_dict(c: ChunkRef, block_hash: str) -> dict[str, Any]:

@@ -92,6 +92,8 @@ class Backend(Protocol):
         ``PreconditionFailed`` otherwise (including when the key is absent). Both conditions
         are atomic with respect to other puts on the same key through any backend instance
         over the same store. Unconditional puts overwrite. Not idempotent when conditional.
+        ``data`` may be a read-only ``memoryview``: the caller keeps it unchanged until put
+        returns; a writable buffer may change after the first await and must be copied.
         """
         ...
 

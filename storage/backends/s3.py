@@ -287,7 +287,9 @@ class S3Backend:
                         if_match: str | None) -> str:
         mode: Any = "create" if if_none_match else ({"e_tag": if_match} if if_match is not None else "overwrite")
         # A mutable buffer is copied now: the caller may reuse it while the request still sends.
-        body = data if isinstance(data, bytes) else bytes(data)
+        # A read-only view is the caller's promise that it does not change until put returns
+        # (storage.buffers lends chunk buffers that way): sent as it is, without a copy.
+        body = data if isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly) else bytes(data)
         try:
             result = await fast.put_async(store_key, body, mode=mode, use_multipart=False)
         except Exception as exc:  # noqa: BLE001 - map_obstore_error types every failure
