@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
 
-from gateway import objects, tus
+from gateway import objects, security, tus
 from gateway.auth import auth_middleware
-from gateway.config import ServeConfig
+from gateway.config import ConfigError, ServeConfig
 from gateway.errors import error_middleware, json_error
+from gateway.hooks import HookClient
 from gateway.metrics import Metrics, metrics_handler
 from storage.backends.base import Backend
+from storage.leases import StoreLockManager
 from storage.objects import ObjectStore, StoreOptions
-from storage.stack import StackOptions, build_store
+from storage.probe import StoreCapabilities, apply, probe
+from storage.stack import StackOptions, build_store, innermost
 from storage.tolerance import SizeTolerance
 
 access_log = logging.getLogger("chunkgate.access")
@@ -31,6 +37,7 @@ CORS_EXPOSE_HEADERS = ("Content-Range, Content-Length, Accept-Ranges, ETag, Last
                        "Location, Upload-Offset, Upload-Length, Upload-Expires, Upload-Metadata, Tus-Resumable, "
                        "Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm")
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_APP_HEADER = re.compile(r"^[Xx]-[A-Za-z0-9-]{1,64}$")
 
 
 @dataclass
@@ -53,6 +60,7 @@ def store_options(cfg: ServeConfig) -> StoreOptions:
         grace_seconds=cfg.grace,
         max_object_size=cfg.max_object_size,
         lock_timeout=cfg.lock_timeout,
+        intent_seconds=max(cfg.upload_expiry, 3600.0),
     )
 
 
@@ -72,6 +80,7 @@ def stack_options(cfg: ServeConfig) -> StackOptions:
 def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any = None) -> web.Application:
     """The gateway for ``cfg``. ``backend``: use this raw backend instead of opening ``cfg.store``
     (tests); ``faults``: a fault plan injected under the store (tests and debugging)."""
+    _secure_aiohttp_error_answers()
     metrics = Metrics()
     opts = stack_options(cfg)
     if faults is None and cfg.fault_rate > 0:
@@ -99,6 +108,9 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     app["store"] = store
     app["started"] = time.time()
     app["traffic"] = Traffic()
+    if cfg.hook_url:
+        app["hooks"] = HookClient(cfg.hook_url, timeout=cfg.hook_timeout)
+    metrics.attach_hooks(app.get("hooks"))  # at 0 without hooks: the dashboard's panels still have series
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -115,6 +127,7 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
         check = getattr(store.backend, "check", None)
         if check is not None:
             await check()
+        await probe_store(app)
         app["background"] = [asyncio.ensure_future(_clear_stale_locks(store.locks, cfg.lock_stale_after))]
         if cfg.gc_interval > 0:
             from storage.gc import run_periodically
@@ -136,6 +149,8 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
         uploads = app.get("uploads")
         if uploads is not None and hasattr(uploads, "close"):
             await uploads.close()
+        if "hooks" in app:
+            await app["hooks"].close()
         await store.close()
         close_locks = getattr(store.locks, "close", None)
         if close_locks is not None:  # store leases: stop renewals, release records still held
@@ -149,6 +164,25 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
 
 
 MIN_PERIODIC_GC_GRACE = 86400.0
+PROBE_EVERY_SECONDS = 60.0
+
+
+async def probe_store(app: web.Application) -> StoreCapabilities:
+    """Check once that the store honours the conditions every guarantee rests on (and apply what
+    it found); at most every minute again for /readyz. Several gateways over a store that ignores
+    them would silently lose writes, so ``--locks store`` is refused on it with one line."""
+    store: ObjectStore = app["store"]
+    caps = await probe(innermost(store.backend))
+    apply(store.backend, caps)
+    store.manifests.conditional_deletes = caps.conditional_delete
+    app["store_caps"] = (time.monotonic(), caps)
+    if not caps.conditional_put and isinstance(store.locks, StoreLockManager):
+        raise ConfigError(f"--locks store: the store {store.backend.name} does not honour conditional writes "
+                          f"({caps.describe()}), so several gateways cannot share it safely; "
+                          "run one gateway with --locks local")
+    if caps.problems:
+        logging.getLogger("chunkgate").warning("store probe: %s", caps.describe())
+    return caps
 
 
 async def _clear_stale_locks(locks: Any, every: float) -> None:
@@ -167,6 +201,12 @@ async def _clear_stale_locks(locks: Any, every: float) -> None:
 async def decorate_response(request: web.Request, response: web.StreamResponse) -> None:
     """Headers every response carries, set just before headers go out (streamed responses too)."""
     response.headers.setdefault("X-Request-Id", request.get("request_id", ""))
+    # After aiohttp's own defaults (this hook runs once they are set), so its Server is replaced.
+    response.headers.update(security.EVERY_RESPONSE)
+    if security.is_gateway_page(request.path):
+        response.headers.update(security.PAGE_HEADERS)  # whatever the page's handler set
+    elif not request.get(objects.OBJECT_READ):
+        response.headers.setdefault("Content-Security-Policy", security.API_CSP)
     if request.app["traffic"].draining:
         response.force_close()  # shutting down: no more requests on this connection
     allow = request.get("cors_allow")
@@ -175,6 +215,41 @@ async def decorate_response(request: web.Request, response: web.StreamResponse) 
         response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
         if allow != "*":
             response.headers["Vary"] = "Origin"
+
+
+def _secure_aiohttp_error_answers() -> None:
+    """Make the answers aiohttp writes by itself like every other answer: JSON errors with the
+    headers every response carries.
+
+    A request aiohttp cannot parse (a bad request line or header, a line over 16 KiB) and an
+    exception that escapes every middleware are answered by ``RequestHandler.handle_error``,
+    which no application hook sees (aiohttp#3287, #8870). Those answers named Python's and
+    aiohttp's versions, had no nosniff, echoed the bad request bytes as text (or, for a 500 to a
+    browser, as HTML). aiohttp has no setting for this, so the method is wrapped, once per
+    process; the original still runs first, for its logging and its check that nothing was sent.
+    """
+    original = web.RequestHandler.handle_error
+    if getattr(original, "chunkgate_secured", False):
+        return
+
+    @functools.wraps(original)
+    def handle_error(self: web.RequestHandler, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        plain = original(self, request, status, exc, message)
+        if status < 500 and isinstance(plain, web.Response) and plain.text:
+            # aiohttp's first words say what was wrong; what follows ":" is the request's own bytes.
+            detail = plain.text.strip().split(":", 1)[0][:200]
+            text = f"the request could not be parsed: {detail}"
+        else:
+            text = "the gateway failed unexpectedly; the error is logged"
+        response = json_error(status, HTTPStatus(status).phrase.lower().replace(" ", "_"), text)
+        response.headers.update(security.EVERY_RESPONSE)
+        response.headers["Content-Security-Policy"] = security.API_CSP
+        response.force_close()  # as aiohttp's own: the connection's state is unknown
+        return response
+
+    handle_error.chunkgate_secured = True  # type: ignore[attr-defined]
+    web.RequestHandler.handle_error = handle_error  # type: ignore[method-assign]
 
 
 async def fallback(request: web.Request) -> web.StreamResponse:
@@ -190,16 +265,18 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     store: ObjectStore = request.app["store"]
-    check = getattr(store.backend, "check", None)
     try:
-        if check is not None:
-            await check()
-        else:
-            async for _ in store.backend.list("m/"):
-                break
-    except Exception as exc:
+        await store.backend.check()
+        probed_at, caps = request.app.get("store_caps", (0.0, None))
+        if caps is None or time.monotonic() - probed_at > PROBE_EVERY_SECONDS:
+            caps = await probe_store(request.app)
+    except ConfigError as exc:
+        return json_error(503, "store_unsafe", str(exc))
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the store is not usable now
         return json_error(503, "store_unavailable", f"the store does not answer: {exc}")
-    return web.json_response({"status": "ready", "store": store.backend.name})
+    return web.json_response({"status": "ready", "store": store.backend.name,
+                              "conditional_writes": caps.conditional_put,
+                              "conditional_deletes": caps.conditional_delete})
 
 
 async def admin_locks(request: web.Request) -> web.Response:
@@ -235,11 +312,15 @@ def observe_middleware(metrics: Metrics) -> Any:
             metrics.http_in_flight.dec()
             metrics.request_done(request, status, seconds)
             sent = request.get("chunkgate.bytes_sent", 0)
-            access_log.info(
-                "%s %s %s %d %d %.4f", request.remote, request.method, _loggable_target(request), status, sent, seconds,
-                extra={"request_id": rid, "method": request.method, "path": request.path, "status": status,
-                       "bytes_sent": sent, "duration_s": round(seconds, 6), "remote": request.remote},
-            )
+            fields = {"request_id": rid, "method": request.method, "path": request.path, "status": status,
+                      "bytes_sent": sent, "duration_s": round(seconds, 6), "remote": request.remote}
+            line, args = "%s %s %s %d %d %.4f", [request.remote, request.method, _loggable_target(request), status, sent, seconds]
+            offset = request.get("chunkgate.upload_offset")
+            if offset is not None:  # tus HEAD/PATCH: where the upload stood, so a resume shows in the log
+                fields["upload_offset"] = offset
+                line += " upload_offset=%d"
+                args.append(offset)
+            access_log.info(line, *args, extra=fields)
 
     return middleware
 
@@ -277,6 +358,14 @@ def upload_cap_middleware(limit: int) -> Any:
     return middleware
 
 
+def app_headers(request: web.Request) -> str:
+    """The ``X-*`` headers a preflight asks for, to add to the allowed ones: a web app passes its
+    own credentials that way (``X-App-Session``), and the pre-create hook receives them."""
+    asked = request.headers.get("Access-Control-Request-Headers", "")
+    names = [h.strip() for h in asked.split(",") if _APP_HEADER.match(h.strip())]
+    return "".join(f", {name}" for name in names[:16])
+
+
 def cors_middleware(origins_setting: str) -> Any:
     origins = {o.strip() for o in origins_setting.split(",") if o.strip()}
     any_origin = "*" in origins
@@ -300,7 +389,7 @@ def cors_middleware(origins_setting: str) -> Any:
             return web.Response(status=204, headers={
                 "Access-Control-Allow-Origin": allow,
                 "Access-Control-Allow-Methods": methods,
-                "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
+                "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS + app_headers(request),
                 "Access-Control-Expose-Headers": CORS_EXPOSE_HEADERS,
                 "Access-Control-Max-Age": "600",
                 "Vary": "Origin",

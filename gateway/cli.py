@@ -76,6 +76,9 @@ async def serve(cfg: ServeConfig) -> int:
                            keepalive_timeout=75.0, handle_signals=False)
     try:
         await runner.setup()
+    except ConfigError as exc:  # the store's probe: --locks store on a store that ignores conditions
+        await runner.cleanup()
+        return fail(str(exc))
     except Exception as exc:  # the store's startup check: missing bucket, bad credentials
         return fail(f"--store: the store {cfg.store} is not usable: {exc}")
     site = web.TCPSite(runner, cfg.host, cfg.port, backlog=512)

@@ -8,8 +8,11 @@ import argparse
 import ipaddress
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
+
+from gateway.security import ACTIVE_CONTENT_MODES
 
 
 class ConfigError(ValueError):
@@ -108,8 +111,11 @@ class ServeConfig:
     store_max_rps: float = 0.0
     max_concurrent_uploads: int = 64
     min_upload_rate: int = 1024  # bytes/s a request body must average after --body-timeout seconds
+    hook_url: str | None = None  # pre-create / post-finish / post-delete events go here (gateway.hooks)
+    hook_timeout: float = 10.0
     fault_rate: float = 0.0  # debugging only: inject store faults at this rate
     fault_kinds: str = "all"
+    active_content: str = "sandbox"  # how uploads that are not media are served (gateway.security)
 
 
 # (flag, dest, parser, help). The env variable is CHUNKGATE_<FLAG> (upper case, '-' -> '_').
@@ -146,6 +152,10 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--min-upload-rate", "min_upload_rate", parse_size,
      "bytes/s a request body must average once --body-timeout has passed; slower gets 408 (0 = off)"),
     ("--store-max-rps", "store_max_rps", float, "store requests per second at most (0 = unlimited)"),
+    ("--active-content", "active_content", str,
+     "how uploads that are not media are served: sandbox (default), attachment, or inline (only on a host of its own)"),
+    ("--hook-url", "hook_url", str, "POST pre-create, post-finish and post-delete events (JSON) to this http(s) URL"),
+    ("--hook-timeout", "hook_timeout", parse_duration, "how long one hook request may take"),
     ("--fault-rate", "fault_rate", parse_ratio, "DEBUG: inject store faults into this share of store calls"),
     ("--fault-kinds", "fault_kinds", str, "DEBUG: comma-separated error, throttle, latency, truncate, or all"),
 ]
@@ -191,6 +201,7 @@ def resolve(ns: argparse.Namespace, environ: dict[str, str] | None = None) -> Se
     cfg.auth_token = tokens
     if cfg.s3_endpoint_url is None:
         cfg.s3_endpoint_url = env.get("AWS_ENDPOINT_URL") or None
+    cfg.hook_url = cfg.hook_url or None  # CHUNKGATE_HOOK_URL= (empty) means no hooks
     validate(cfg)
     return cfg
 
@@ -206,6 +217,8 @@ def validate(cfg: ServeConfig) -> None:
         raise ConfigError("--lock-timeout: must be positive")
     if cfg.verify_reads not in ("sha256", "none"):
         raise ConfigError("--verify-reads: must be sha256 or none")
+    if cfg.active_content not in ACTIVE_CONTENT_MODES:
+        raise ConfigError("--active-content: must be sandbox, attachment or inline")
     if cfg.log_format not in ("text", "json"):
         raise ConfigError("--log-format: must be text or json")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -221,6 +234,12 @@ def validate(cfg: ServeConfig) -> None:
     fault_kinds = {k.strip() for k in cfg.fault_kinds.split(",") if k.strip()} - {"all"}
     if fault_kinds - {"error", "throttle", "latency", "truncate"}:
         raise ConfigError("--fault-kinds: must be a comma-separated list of error, throttle, latency, truncate, or all")
+    if cfg.hook_url is not None:
+        parsed = urllib.parse.urlsplit(cfg.hook_url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError(f"--hook-url: {cfg.hook_url!r} is not an http:// or https:// URL")
+    if cfg.hook_timeout <= 0:
+        raise ConfigError("--hook-timeout: must be positive")
     if not is_loopback(cfg.host) and not cfg.auth_token and not cfg.allow_anonymous_writes:
         raise ConfigError(
             f"--host: {cfg.host} is not a loopback address; set --auth-token (or --allow-anonymous-writes) to serve on it"

@@ -43,6 +43,7 @@ METRIC_NAMES = frozenset(
     chunkgate_uploads_created_total chunkgate_uploads_completed_total chunkgate_uploads_aborted_total
     chunkgate_uploads_expired_total chunkgate_uploads_in_progress chunkgate_upload_bytes_total
     chunkgate_gc_runs_total chunkgate_gc_deleted_total
+    chunkgate_hook_deliveries_total chunkgate_hook_outbox_oldest_age_seconds chunkgate_hook_outbox_pending
     """.split()
 )
 
@@ -109,6 +110,11 @@ class Metrics:
 
     def attach_uploads(self, sessions: Any) -> None:
         self.add_source(lambda: _upload_families(sessions))
+
+    def attach_hooks(self, hooks: Any, outbox: Any = None) -> None:
+        """``hooks``: a ``gateway.hooks.HookClient`` (its delivery counters), or None; ``outbox``: the
+        ``storage.outbox`` processor, whose oldest pending event's age is read at scrape time."""
+        self.add_source(lambda: _hook_families(hooks, outbox))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -193,6 +199,25 @@ def _lock_families(locks: Any) -> Iterable[Any]:
     yield _counter("chunkgate_lock_release_requests", "Waiters that asked a holder to release", st.release_requests)
     yield _counter("chunkgate_lock_lease_conflicts", "Store lease writes that lost a race", getattr(st, "lease_conflicts", 0))
     yield _counter("chunkgate_lock_takeovers", "Expired store leases taken over", getattr(st, "takeovers", 0))
+
+
+HOOK_TYPES = ("pre-create", "post-finish", "post-delete")
+HOOK_OUTCOMES = ("ok", "refused", "error")
+
+
+def _hook_families(hooks: Any, outbox: Any) -> Iterable[Any]:
+    fam = CounterMetricFamily("chunkgate_hook_deliveries", "Hook requests by event type and outcome (ok = 2xx)",
+                              labels=["type", "outcome"])
+    counts = hooks.stats.deliveries if hooks is not None else {}
+    for kind in HOOK_TYPES:  # every label set from the start: panels and alerts see 0, not "No data"
+        for outcome in HOOK_OUTCOMES:
+            fam.add_metric([kind, outcome], counts.get((kind, outcome), 0))
+    yield fam
+    yield _gauge("chunkgate_hook_outbox_oldest_age_seconds",
+                 "Age of the oldest post-* event known to be undelivered (0 when none is)",
+                 outbox.oldest_age() if outbox is not None else 0.0)
+    yield _gauge("chunkgate_hook_outbox_pending", "post-* events known to be undelivered",
+                 outbox.pending() if outbox is not None else 0)
 
 
 class _DomainCollector:

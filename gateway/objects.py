@@ -18,7 +18,7 @@ from urllib.parse import unquote_to_bytes
 from aiohttp import ClientPayloadError, EofStream, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway import conditions, ranges
+from gateway import conditions, hooks, ranges, security
 from gateway.errors import HTTPError
 from gateway.mediatypes import guess_content_type, normalize_content_type
 from storage.errors import ChunkRejected, ChunkSizeDrift, IncompleteBody, ObjectError, PreconditionNotMet
@@ -29,6 +29,9 @@ from storage.objects import ObjectStore
 log = logging.getLogger("chunkgate.http")
 
 CACHE_CONTROL = "public, max-age=0, must-revalidate"  # keys can be overwritten: always revalidate
+# Set on a request whose answer carries an object's own headers (gateway.security.object_headers),
+# so decorate_response leaves that answer's Content-Security-Policy to the object's type.
+OBJECT_READ = "chunkgate.object_read"
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -86,6 +89,7 @@ async def put_object(request: web.Request) -> web.Response:
     if sha is not None and not _HEX64.match(sha.strip()):
         raise HTTPError(400, "bad_checksum", "X-Checksum-SHA256 must be 64 hex digits")
     length = request.content_length  # None for chunked bodies: then the stream decides
+    await hooks.authorize(request, key=key, size=length, content_type=content_type)  # before a body byte is read
 
     def check(current_etag: str | None) -> None:
         if conditions.evaluate_write(request.headers, current_etag=current_etag) is not conditions.Outcome.PROCEED:
@@ -158,6 +162,11 @@ async def request_body(request: web.Request) -> AsyncIterator[bytes]:
 # ---------------------------------------------------------------------------------- GET/HEAD
 async def get_object(request: web.Request) -> web.StreamResponse:
     key = object_key(request)
+    refused = security.refused_load(request.app["config"].active_content, request.headers)
+    if refused is not None:
+        raise HTTPError(403, "untrusted_content",
+                        f"uploads are not served to this gateway's own pages as {refused} code; "
+                        "they are untrusted content (see --active-content)")
     store = store_of(request)
     if "manifest" in request.query:
         manifest = await store.head(key)
@@ -181,6 +190,9 @@ async def get_object(request: web.Request) -> web.StreamResponse:
 
 async def _serve(request: web.Request, store: ObjectStore, m: Manifest) -> web.StreamResponse:
     headers = object_headers(m)
+    # Uploads are untrusted: anything but media is sandboxed (or downloaded), per --active-content.
+    headers.update(security.object_headers(m.content_type, request.app["config"].active_content))
+    request[OBJECT_READ] = True
     # HEAD answers with exactly the headers GET would send (API.md), ranges included.
     method = "GET" if request.method == "HEAD" else request.method
     decision = conditions.evaluate(method, request.headers, etag=m.etag, last_modified=m.last_modified)

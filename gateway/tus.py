@@ -21,19 +21,23 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from gateway import hooks
 from gateway.errors import HTTPError, json_error, to_response
 from gateway.objects import BODY_READ_ERRORS, UploadRateFloor, upload_content_type
 from storage.errors import IncompleteBody
 from storage.keys import validate_key
 from storage.uploads import (
     CHECKSUM_ALGORITHMS,
+    BodyInterrupted,
     OffsetMismatch,
+    UploadInterrupted,
     UploadChecksumMismatch,
     UploadGone,
     UploadOptions,
     UploadSessions,
     UploadState,
     UploadStatus,
+    new_upload_id,
     valid_upload_id,
 )
 
@@ -142,7 +146,7 @@ def require_tus_resumable(headers: Any) -> None:
 # ------------------------------------------------------------------------------ errors
 def tus_error(exc: BaseException) -> web.Response | None:
     """Upload errors as tus statuses; everything else through the gateway's one mapping."""
-    if isinstance(exc, OffsetMismatch):
+    if isinstance(exc, (OffsetMismatch, UploadInterrupted)):
         return json_error(409, exc.code, exc.message, {"Upload-Offset": str(exc.offset)})
     if isinstance(exc, UploadGone):
         return json_error(410, exc.code, exc.message)
@@ -192,14 +196,17 @@ def upload_id_of(request: web.Request) -> str:
 
 
 async def patch_body(request: web.Request, stop: asyncio.Event, idle_timeout: float) -> AsyncIterator[bytes]:
-    """The PATCH body as pieces. Ends early (normally) when another request asks for the
-    upload's lock: the bytes so far are kept and the client resumes from the offset. A body
-    idle for ``idle_timeout`` or cut short raises, after which the bytes so far are kept too."""
+    """The PATCH body as pieces. Raises ``BodyInterrupted`` when another request asks for the
+    upload's lock: the bytes so far are kept (unless a checksum covers the whole body) and the
+    client resumes from the offset. A body idle for ``idle_timeout`` or cut short raises, after
+    which the bytes so far are kept too."""
     stream = request.content
     floor = UploadRateFloor.for_request(request)
     stopper = asyncio.ensure_future(stop.wait())
     try:
-        while not stop.is_set():
+        while True:
+            if stop.is_set():
+                raise BodyInterrupted("another request asked for the upload")
             read = asyncio.ensure_future(stream.readany())
             done, _ = await asyncio.wait({read, stopper}, timeout=idle_timeout or None,
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -207,7 +214,7 @@ async def patch_body(request: web.Request, stop: asyncio.Event, idle_timeout: fl
                 read.cancel()
                 await asyncio.gather(read, return_exceptions=True)
                 if stop.is_set():
-                    return
+                    raise BodyInterrupted("another request asked for the upload")
                 raise HTTPError(408, "body_timeout",
                                 f"the request body stalled for {idle_timeout:g} s; the bytes received so far were kept")
             try:
@@ -258,9 +265,12 @@ async def create(request: web.Request) -> web.StreamResponse:
         raise HTTPError(415, "unsupported_media_type", f"an upload's bytes must be sent as {OFFSET_CONTENT_TYPE}")
     checksum = parse_checksum(request.headers.get("Upload-Checksum")) if body else None
     content_type = upload_content_type(key, metadata.get("content-type") or metadata.get("filetype"))
+    upload_id = new_upload_id()  # chosen first, so the pre-create hook can name it
+    await hooks.authorize(request, key=key, size=length, content_type=content_type, metadata=metadata, upload_id=upload_id)
     sessions = sessions_of(request)
     status = await sessions.create(key, length=length, metadata=raw_metadata.strip(), content_type=content_type,
-                                   owner=owner_of(request))
+                                   owner=owner_of(request), meta={k: v or "" for k, v in metadata.items()},
+                                   upload_id=upload_id)
     location = str(request.url.origin().join(request.app.router["tus_upload"].url_for(id=status.id)))
     if body:  # creation-with-upload
         try:
@@ -291,6 +301,7 @@ async def head(request: web.Request) -> web.StreamResponse:
     sessions = sessions_of(request)
     async with sessions.lock(upload_id, owner=owner_of(request)) as lease:
         status = await sessions.status(upload_id, lease)
+    request["chunkgate.upload_offset"] = status.offset
     return web.Response(status=200, headers=status_headers(status))
 
 
@@ -302,6 +313,7 @@ async def patch(request: web.Request) -> web.StreamResponse:
     offset = parse_uint(request.headers.get("Upload-Offset"), "Upload-Offset")
     if offset is None:
         raise HTTPError(400, "bad_header", "Upload-Offset is required")
+    request["chunkgate.upload_offset"] = offset
     length = parse_uint(request.headers.get("Upload-Length"), "Upload-Length")
     checksum = parse_checksum(request.headers.get("Upload-Checksum"))
     status = await _append(request, upload_id, offset=offset, length=length, checksum=checksum)

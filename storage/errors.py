@@ -93,3 +93,23 @@ class ChunkSizeDrift(ObjectError):
 
 class CorruptManifest(StoreFailed):
     code = "corrupt_manifest"
+
+
+def from_backend(exc: BaseException, what: str) -> Exception:
+    """The object-layer error for a backend error raised while doing ``what`` (the one place
+    backend errors are translated; ``what`` completes "the store failed ..."). ``NotFound`` and
+    ``PreconditionFailed`` are answers, not failures: callers handle them before calling this."""
+    from storage.backends.base import InvalidKey, PermanentError, TransientError
+    from storage.keys import BadKey
+
+    if isinstance(exc, ObjectError):
+        return exc  # type: ignore[return-value]
+    if isinstance(exc, TransientError):
+        return StoreUnavailable(f"the store failed {what}: {exc}", retry_after=exc.retry_after)
+    if isinstance(exc, (InvalidKey, BadKey)):
+        # API.md allows 1024-byte keys, but an S3 store adds its prefix and the records their
+        # 'm/': the client's key, not a store failure (400 bad_key).
+        return BadKey(f"this store cannot hold the key ({exc}); use a shorter or simpler key")
+    if isinstance(exc, PermanentError):
+        return StoreFailed(f"the store refused {what}: {exc}")
+    return StoreFailed(f"the store gave an unexpected answer {what}: {exc}")

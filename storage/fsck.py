@@ -13,17 +13,16 @@ a conditional write); delete anything; import aiohttp or ``gateway``.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from storage import keys
-from storage.backends.base import NotFound
-from storage.errors import ObjectError
+from storage.backends.base import NotFound, PermanentError, TransientError
+from storage.errors import CorruptManifest, ObjectError, from_backend
 from storage.locks import LockTimeout
-from storage.manifest import Manifest, ManifestError
+from storage.objects import sha256_hex
 from storage.tolerance import Verdict
 
 OK = "ok"
@@ -75,22 +74,20 @@ class FsckReport:
                 f"{len(self.damaged)} damaged")
 
 
-async def check_object(store: Any, key: str) -> ObjectCheck:
-    """Check one object's manifest and every chunk it references; no changes."""
+async def check_object(store: Any, key: str) -> ObjectCheck | None:
+    """Check one object's manifest and every chunk it references; no changes. None when the
+    key has no object (deleted during the check, or a tombstone a DELETE left)."""
     result = ObjectCheck(key)
     backend = store.backend
     try:
-        blob = await backend.get(keys.manifest_key(key))
-    except NotFound:
-        result.problems.append("the manifest vanished during the check")
-        result.status = DAMAGED
-        return result
-    try:
-        manifest = Manifest.from_json(blob.data, expect_key=key)
-    except ManifestError as exc:
+        current = await store.manifests.read(key)
+    except CorruptManifest as exc:
         result.problems.append(f"the manifest is unreadable: {exc}")
         result.status = DAMAGED
         return result
+    if current is None or current.manifest is None:
+        return None
+    manifest = current.manifest
     result.version, result.chunks = manifest.version, len(manifest.chunks)
     tolerance = store.options.tolerance
     for ref in manifest.chunks:
@@ -100,11 +97,13 @@ async def check_object(store: Any, key: str) -> ObjectCheck:
         except NotFound:
             result.problems.append(f"chunk {ref.index} is missing")
             continue
+        except (TransientError, PermanentError) as exc:
+            raise from_backend(exc, f"reading chunk {ref.index} of {key!r}") from exc
         actual = len(chunk.data)
         if actual != chunk.size:
             result.problems.append(f"chunk {ref.index} read short ({actual} of {chunk.size} bytes); try again")
             continue
-        digest = await asyncio.to_thread(_sha256_hex, chunk.data)
+        digest = await sha256_hex(chunk.data)
         verdict = tolerance.verdict(ref.size, actual)
         if verdict is Verdict.EXACT:
             if ref.sha256 is None:
@@ -132,22 +131,23 @@ async def fsck(
     """Check every object (or ``sample`` of them, chosen at random) of ``store`` (an
     ``ObjectStore``); with ``repair``, fix what can be fixed and check again."""
     report = FsckReport()
-    names = [keys.object_key_of_manifest(i.key) async for i in store.backend.list(keys.manifest_key(prefix))]
+    names = [name async for name in store.manifests.scan(prefix)]
     report.total_objects = len(names)
     if sample is not None and sample < len(names):
         names = sorted((rng or random.Random()).sample(names, sample))
     sem = asyncio.Semaphore(_CONCURRENCY)
 
-    async def one(key: str) -> ObjectCheck:
+    async def one(key: str) -> ObjectCheck | None:
         async with sem:
             result = await check_object(store, key)
-            if repair and result.status == DAMAGED and result.repairable and not result.problems:
+            if result is not None and repair and result.status == DAMAGED and result.repairable and not result.problems:
                 result = await _repair(store, key, result)
-            if progress is not None:
+            if progress is not None and result is not None:
                 progress(result)
             return result
 
-    report.objects = list(await asyncio.gather(*(one(k) for k in names)))
+    report.objects = [r for r in await asyncio.gather(*(one(k) for k in names)) if r is not None]
+    report.total_objects -= len(names) - len(report.objects) if sample is None else 0
     return report
 
 
@@ -158,11 +158,10 @@ async def _repair(store: Any, key: str, before: ObjectCheck) -> ObjectCheck:
         before.problems.append(f"repair failed: {exc}")
         return before
     after = await check_object(store, key)
+    if after is None:
+        before.problems.append("the object was deleted during the repair")
+        return before
     if after.status == OK:
         after.status = REPAIRED
         after.repaired = [f"chunk {i}: {old} -> {new} bytes" for i, old, new in changes] or list(before.repairable)
     return after
-
-
-def _sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

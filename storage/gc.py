@@ -1,28 +1,31 @@
 """Garbage collection of the store: chunks no committed manifest references, and expired uploads.
 
 What is garbage: chunks of replaced or deleted versions, chunks orphaned by uploads that crashed
-before their commit, and expired tus upload sessions. A chunk is deleted only when (a) no
-manifest read *after* the chunk listing references it, (b) its version is older than the grace
-period (version ids encode their creation time, ``storage.keys.version_time``) -- which protects
-uploads still writing chunks that have no manifest yet -- and (c) when its object still has a
-manifest, that manifest was committed more than the grace period ago too, because a version's
-replacement time is not recorded anywhere and the current manifest's commit bounds it; readers
-that fetched the old manifest just before the replacement get that long to finish.
-Chunks of live upload sessions are protected by the uploads hook (``UploadsHook``).
+before their commit, and expired tus upload sessions. A chunk is deleted only when (a) no record
+read *after* the chunk listing references it, (b) no writer that may still commit its version
+exists: no live tus session (``UploadsHook``) and no live write intent of a PUT
+(``storage.intents``), read both before and after the records, (c) its version is older than
+the grace period (version ids encode their creation time, ``storage.keys.version_time``), and
+(d) when its object has a record, that record last changed more than the grace period ago,
+because a version's replacement time is bounded by it: readers that fetched the old manifest
+just before the replacement get that long to finish.
 
 Races it is built around: a manifest committed during the walk references chunks that were
-listed before it, so manifests are read after the chunk listing; a chunk written after the
-listing is simply not seen. An upload or PUT whose commit comes later than ``grace`` after its
-version was created could lose chunks; choose ``grace`` longer than any upload takes.
+listed before it, so records are read after the chunk listing; a chunk written after the listing
+is simply not seen. A writer writes its intent or session record before its first chunk and
+clears it only once its commit landed (or it cleaned up), so a chunk gc listed either belongs to
+a writer whose record gc reads next (protected), or to a commit that landed before that read
+(referenced by the records read after), or to nobody. Reading the protected set only after the
+records (as before) lost a tus upload that committed in between: it was in neither set.
 
-Must never: delete a chunk a committed manifest references; delete a lease record (fencing
-tokens rely on them); import aiohttp or ``gateway``.
+Must never: delete a chunk a committed manifest references or a writer may still commit; delete
+a lease record (fencing tokens rely on them); remove a record unconditionally; import aiohttp or
+``gateway``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -30,15 +33,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from storage import keys
-from storage.backends.base import Backend, NotFound
-from storage.manifest import Manifest, ManifestError
+from storage import intents, keys
+from storage.backends.base import Backend
+from storage.errors import CorruptManifest
 
 log = logging.getLogger("chunkgate.gc")
 
 _DELETE_CONCURRENCY = 16
 _READ_CONCURRENCY = 16
-_TERMINAL_UPLOAD_STATES = frozenset({"complete", "aborted", "expired"})
 
 
 class UploadsHook(Protocol):
@@ -100,33 +102,84 @@ def parse_chunk_key(store_key: str) -> tuple[str, str, int] | None:
     return parts[2], parts[3], int(parts[4])
 
 
-async def _fallback_uploads(backend: Backend) -> set[tuple[str, str]]:
-    """Without a hook from ``storage.uploads``: protect every (key, version) named by a session
-    record (``u/<id>/info``, JSON) that is not in a terminal state, rather than risk an upload
-    in progress."""
-    found: set[tuple[str, str]] = set()
-    async for info in backend.list(keys.UPLOAD_PREFIX):
-        if not info.key.endswith("/info"):
-            continue  # partial chunk bytes ("tails"), not records
-        try:
-            doc = json.loads((await backend.get(info.key)).data)
-        except (NotFound, ValueError):
-            continue
-        if not isinstance(doc, dict) or doc.get("state") in _TERMINAL_UPLOAD_STATES:
-            continue
-        if isinstance(doc.get("key"), str) and isinstance(doc.get("version"), str):
-            found.add((doc["key"], doc["version"]))
+def default_uploads_hook(backend: Backend) -> UploadsHook:
+    """The tus sessions' hook (``storage.uploads`` owns the format of its records)."""
+    from storage.uploads import gc_hook
+
+    return gc_hook(backend)
+
+
+async def _protected(backend: Backend, hook: UploadsHook | None, now: float) -> set[tuple[str, str]]:
+    """(key id, version) of every version whose writer may still commit: live tus sessions and
+    live write intents of PUTs (``storage.intents``)."""
+    found = {(keys.key_id(k), v) for k, v in await hook.protected_versions()} if hook is not None else set()
+    for intent in await intents.scan(backend):
+        if intent.key and intent.expires > now:
+            found.add((keys.key_id(intent.key), intent.version))
     return found
 
 
-def default_uploads_hook(backend: Backend) -> UploadsHook | None:
-    """The tus sessions' hook, when that module provides one (``storage.uploads.gc_hook``)."""
-    try:
-        from storage import uploads  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    make = getattr(uploads, "gc_hook", None)
-    return make(backend) if make is not None else None
+@dataclass
+class _Referenced:
+    """What the manifest records say, read after the chunk listing."""
+
+    chunks: set[str] = field(default_factory=set)
+    committed_at: dict[str, float] = field(default_factory=dict)  # key id -> last change of its record
+    damaged: set[str] = field(default_factory=set)  # key ids whose record cannot be read
+    tombstones: list[Any] = field(default_factory=list)  # storage.manifests.Current of tombstones
+
+
+async def _read_records(backend: Backend, report: GcReport) -> _Referenced:
+    from storage.manifests import ManifestStore
+
+    records = ManifestStore(backend)
+    seen = _Referenced()
+    names = [name async for name in records.scan()]
+    sem = asyncio.Semaphore(_READ_CONCURRENCY)
+
+    async def read(name: str) -> None:
+        async with sem:
+            try:
+                current = await records.read(name)
+            except CorruptManifest:
+                report.unreadable_manifests.append(keys.manifest_key(name))
+                seen.damaged.add(keys.key_id(name))
+                return
+            if current is None:
+                return  # deleted during the walk: its chunks are garbage after grace
+            kid = keys.key_id(name)
+            manifest = current.manifest
+            if manifest is None:
+                changed = current.deleted_at or 0.0
+                seen.tombstones.append(current)
+            else:
+                report.manifests += 1
+                for ref in manifest.chunks:
+                    seen.chunks.add(keys.chunk_key(name, manifest.version, ref.index))
+                changed = max(manifest.created.timestamp(), keys.version_time(manifest.version))
+            seen.committed_at[kid] = max(seen.committed_at.get(kid, 0.0), changed)
+
+    await asyncio.gather(*(read(n) for n in names))
+    return seen
+
+
+def doomed_chunks(chunks: Iterable[_Chunk], seen: _Referenced, protected: set[tuple[str, str]], *,
+                  now: float, grace: float) -> tuple[list[_Chunk], int, int]:
+    """Pure: which unreferenced chunks may go (see the module docstring), and how many chunks
+    were referenced and kept. Never a referenced chunk, a protected version, a young version,
+    an object whose record changed within ``grace``, or any chunk of a damaged record's object."""
+    doomed: list[_Chunk] = []
+    referenced = kept = 0
+    for c in chunks:
+        if c.store_key in seen.chunks:
+            referenced += 1
+            continue
+        young = now - keys.version_time(c.version) < grace or now - seen.committed_at.get(c.kid, 0.0) < grace
+        if young or (c.kid, c.version) in protected or c.kid in seen.damaged:
+            kept += 1
+            continue
+        doomed.append(c)
+    return doomed, referenced, kept
 
 
 async def collect(
@@ -137,18 +190,16 @@ async def collect(
     now: float | None = None,
     uploads: UploadsHook | None | str = "auto",
     progress: Callable[[int], None] | None = None,
-    busy: Callable[[], Iterable[tuple[str, str]]] | None = None,
 ) -> GcReport:
     """One gc pass over the store behind ``backend``; see the module docstring for the rules.
 
-    ``progress(n)`` is called as chunks are listed and deleted (for a progress bar).
-    ``busy()``: (key, version) pairs being written right now in this process (PUTs in
-    flight), kept whatever their age; asked right after the chunk listing, before the manifests
-    are read (a PUT that commits during the walk was busy then), and again before deciding."""
+    ``progress(n)`` is called as chunks are listed and deleted (for a progress bar)."""
     report = GcReport(dry_run=dry_run)
     hook = default_uploads_hook(backend) if uploads == "auto" else uploads
     assert not isinstance(hook, str)
     now = time.time() if now is None else now
+    if hook is not None:
+        report.uploads_expired = await hook.sweep_expired(now, dry_run=dry_run)
 
     # 1. Chunks first (see the module docstring: manifests are read after this).
     chunks: list[_Chunk] = []
@@ -161,67 +212,32 @@ async def collect(
         if progress is not None:
             progress(1)
     report.chunks_seen = len(chunks)
-    writing = set(busy()) if busy is not None else set()
 
-    # 2. Then every committed manifest: what is referenced, and when each object last changed.
-    referenced: set[str] = set()
-    committed_at: dict[str, float] = {}
-    manifest_keys = [info.key async for info in backend.list(keys.MANIFEST_PREFIX)]
-    sem = asyncio.Semaphore(_READ_CONCURRENCY)
-
-    async def read(store_key: str) -> None:
-        async with sem:
-            try:
-                blob = await backend.get(store_key)
-            except NotFound:
-                return  # deleted during the walk: its chunks are garbage after grace
-            try:
-                manifest = Manifest.from_json(blob.data, expect_key=keys.object_key_of_manifest(store_key))
-            except ManifestError:
-                report.unreadable_manifests.append(store_key)
-                return
-            report.manifests += 1
-            kid = keys.key_id(manifest.key)
-            for ref in manifest.chunks:
-                referenced.add(keys.chunk_key(manifest.key, manifest.version, ref.index))
-            committed = max(manifest.created.timestamp(), keys.version_time(manifest.version))
-            committed_at[kid] = max(committed_at.get(kid, 0.0), committed)
-
-    await asyncio.gather(*(read(k) for k in manifest_keys))
-    # We cannot know what a damaged manifest references: keep every chunk of its object.
-    damaged = {keys.key_id(keys.object_key_of_manifest(k)) for k in report.unreadable_manifests}
-    if damaged:
+    # 2. The versions whose writers may still commit, then every record, then those versions
+    #    again: a writer that commits while the records are read was protected before, and one
+    #    that starts protecting while they are read is caught after.
+    protected = await _protected(backend, hook, now)
+    seen = await _read_records(backend, report)
+    protected |= await _protected(backend, hook, now)
+    if seen.damaged:
         log.error("gc: %d manifests are unreadable (run chunkgate fsck); keeping all their objects' chunks",
-                  len(damaged))
-
-    protected: set[tuple[str, str]] = set()
-    if hook is not None:
-        report.uploads_expired = await hook.sweep_expired(now, dry_run=dry_run)
-        protected = {(keys.key_id(k), v) for k, v in await hook.protected_versions()}
-    else:
-        protected = {(keys.key_id(k), v) for k, v in await _fallback_uploads(backend)}
-    if busy is not None:
-        writing |= set(busy())
-    protected |= {(keys.key_id(k), v) for k, v in writing}
+                  len(seen.damaged))
 
     # 3. Decide and delete.
-    doomed: list[_Chunk] = []
-    for c in chunks:
-        if c.store_key in referenced:
-            report.chunks_referenced += 1
-            continue
-        young = now - keys.version_time(c.version) < grace or now - committed_at.get(c.kid, 0.0) < grace
-        if young or (c.kid, c.version) in protected or c.kid in damaged:
-            report.kept_in_grace += 1
-            continue
-        doomed.append(c)
+    doomed, report.chunks_referenced, report.kept_in_grace = doomed_chunks(chunks, seen, protected, now=now, grace=grace)
     report.versions_deleted = len({(c.kid, c.version) for c in doomed})
     report.chunks_deleted = len(doomed)
     report.bytes_deleted = sum(c.size for c in doomed)
     if dry_run:
         return report
-    del_sem = asyncio.Semaphore(_DELETE_CONCURRENCY)
+    await _delete(backend, doomed, report, progress)
+    await _sweep_leftovers(backend, seen, now=now, grace=grace)
+    return report
 
+
+async def _delete(backend: Backend, doomed: list[_Chunk], report: GcReport,
+                  progress: Callable[[int], None] | None) -> None:
+    del_sem = asyncio.Semaphore(_DELETE_CONCURRENCY)
     by_version: dict[tuple[str, str], list[_Chunk]] = {}
     for c in doomed:
         by_version.setdefault((c.kid, c.version), []).append(c)
@@ -242,7 +258,20 @@ async def collect(
 
     await asyncio.gather(*(delete(v) for v in by_version.values()))
     report.chunks_deleted -= report.delete_errors
-    return report
+
+
+async def _sweep_leftovers(backend: Backend, seen: _Referenced, *, now: float, grace: float) -> None:
+    """Records that only a crash leaves for long: tombstones a DELETE could not remove (each by
+    a conditional delete, so a commit over it since is never taken along) and expired intents."""
+    from storage.manifests import ManifestStore
+
+    records = ManifestStore(backend)
+    for tomb in seen.tombstones:
+        if now - (tomb.deleted_at or 0.0) >= grace:
+            await records.remove_tombstone(tomb)
+    for intent in await intents.scan(backend):
+        if intent.expires <= now:
+            await intents.end(backend, intent.version)
 
 
 async def run_periodically(store: Any, interval: float, grace: float,
@@ -256,7 +285,7 @@ async def run_periodically(store: Any, interval: float, grace: float,
     while True:
         await asyncio.sleep(random.uniform(0.5, 1.0) * interval)
         try:
-            report = await collect(store.backend, grace=grace, busy=getattr(store, "writing_versions", None))
+            report = await collect(store.backend, grace=grace)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -4,10 +4,14 @@ Pure functions only: no I/O. The gateway validates keys with ``validate_key`` be
 touches the store; the object layer derives every store key from here, so the layout is written
 down in exactly one place:
 
-    m/<object key>                     manifest (JSON), the single source of truth per object
+    m/<object key>                     the key's record (JSON): its manifest, or a tombstone;
+                                       the single source of truth per object (storage.manifests)
     c/<kid[:2]>/<kid>/<version>/<index:08d>  chunk bytes, immutable, never overwritten
     u/<upload id>/...                  tus upload sessions
+    w/<version>                        a PUT writing that version's chunks (gc leaves them alone)
     l/<kid>                            store-backed lock leases
+    o/<ms time>-<event id>             pointers to records carrying undelivered events (hooks)
+    p/<random>/...                     the startup probe's private keys (storage.probe)
 
 ``kid`` is a hash of the object key, so chunk keys have a fixed length whatever the object key
 is, and a version id is fresh per upload, so no writer can touch bytes a reader may be reading.
@@ -24,7 +28,9 @@ MAX_KEY_BYTES = 1024
 MANIFEST_PREFIX = "m/"
 CHUNK_PREFIX = "c/"
 UPLOAD_PREFIX = "u/"
+INTENT_PREFIX = "w/"
 LEASE_PREFIX = "l/"
+OUTBOX_PREFIX = "o/"
 
 
 class BadKey(ValueError):
@@ -57,11 +63,11 @@ def key_id(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
 
 
-def new_version() -> str:
+def new_version(now: float | None = None) -> str:
     """A fresh version id: millisecond time first (so ids sort by creation, which gc and
     humans reading a bucket listing both like), then 64 random bits (so two uploads in the
-    same millisecond, on any gateway, never share one)."""
-    return f"{int(time.time() * 1000):013x}{os.urandom(8).hex()}"
+    same millisecond, on any gateway, never share one). ``now``: the caller's clock."""
+    return f"{int((time.time() if now is None else now) * 1000):013x}{os.urandom(8).hex()}"
 
 
 def version_time(version: str) -> float:

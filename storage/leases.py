@@ -22,9 +22,15 @@ Records are never deleted, only marked released: deleting needs an unconditional
 could remove a record another gateway just took over, and a kept record keeps fencing tokens
 strictly increasing per key across all gateways. They are a few hundred bytes per key ever locked.
 
-Expiry is judged on the wall clock written into the record, so gateways need clocks in sync to
-well under ``stale_after`` (NTP); as a backstop a waiter also treats a record it has seen
-unchanged (same ETag) for longer than ``stale_after`` on its own monotonic clock as expired.
+Expiry is written with the holder's wall clock and judged with the waiter's, so a waiter whose
+clock runs ahead would take over a lease that is still being renewed. Two rules make a takeover
+safe: a record is expired for a waiter only once its ``expires`` is ``max_clock_skew`` (default:
+``stale_after``) in the waiter's past -- so clocks may disagree by up to ``stale_after`` (NTP keeps
+them within milliseconds) -- and, whatever the clocks say, a waiter that has seen the record
+unchanged (same ETag) for ``stale_after`` on its own monotonic clock takes it over: the holder's
+own deadline ended before that, since it is measured from before the write the waiter saw. A
+waiter therefore waits at most about ``stale_after`` for a dead holder, and never takes over a
+live one within the tolerated skew.
 
 Must never: let two leases of one key be valid at once as far as ``check()`` can tell (a valid
 lease's deadline always ends before its record's expiry); delete a lease record; let a renewal
@@ -151,7 +157,8 @@ class StoreLease(Lease):
         slot = self._slot
         if slot.lost:
             raise LeaseLost(self.key, self.token, slot.lost)
-        if time.monotonic() > slot.valid_until:
+        assert isinstance(self._home, StoreLockManager)
+        if self._home._monotonic() > slot.valid_until:
             raise LeaseLost(self.key, self.token, "expired in the store before it could be renewed")
 
     def renew(self) -> None:
@@ -184,14 +191,20 @@ class StoreLockManager:
         on_wait: Callable[[float], None] | None = None,
         gateway: str | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         max_poll: float | None = None,
+        max_clock_skew: float | None = None,
     ) -> None:
         self.backend = backend
-        self.local = LockManager(stale_after=stale_after, timeout=timeout)
+        self._monotonic = monotonic
+        self.local = LockManager(stale_after=stale_after, timeout=timeout, clock=monotonic)
         self.stale_after = float(stale_after)
         self.timeout = float(timeout)
         self.gateway = gateway or gateway_id()
         self.renew_interval = self.stale_after / 3
+        # How far another gateway's wall clock may be ahead of the holder's without a takeover of
+        # a lease still being renewed (see the module docstring).
+        self.max_clock_skew = self.stale_after if max_clock_skew is None else float(max_clock_skew)
         # Waiters poll the record; a free lease is found within this much (plus jitter).
         self.max_poll = max_poll if max_poll is not None else min(0.2, self.stale_after / 5)
         self._clock = clock
@@ -207,7 +220,7 @@ class StoreLockManager:
         """In-process FIFO first, then the store record; one deadline covers both. Raises
         ``LockTimeout``; ``StoreUnavailable``/``StoreFailed`` when the store cannot be asked."""
         limit = self.timeout if timeout is None else max(0.0, float(timeout))
-        started = time.monotonic()
+        started = self._monotonic()
         deadline = started + limit
         try:
             local = await self.local.acquire(key, owner=owner, timeout=limit, request_release=request_release)
@@ -227,7 +240,7 @@ class StoreLockManager:
         lease._home, lease._local, lease._slot = self, local, slot
         self._slots[key] = slot
         slot.renewer = asyncio.ensure_future(self._renew_loop(lease))
-        waited = time.monotonic() - started
+        waited = self._monotonic() - started
         self.stats.acquisitions += 1
         self.stats.wait_seconds_sum += waited
         if self._on_wait is not None:
@@ -314,7 +327,7 @@ class StoreLockManager:
 
         Shielded: if the caller is cancelled while the write is in flight, a write that then
         succeeds is released at once instead of blocking the key until it expires."""
-        before = time.monotonic()
+        before = self._monotonic()
         data = json.dumps(record, sort_keys=True).encode()
         put = asyncio.ensure_future(self.backend.put(keys.lease_key(key), data, **cond))
         try:
@@ -346,7 +359,7 @@ class StoreLockManager:
                     return slot
                 if slot is not None:
                     record, etag = slot
-                    now_mono = time.monotonic()
+                    now_mono = self._monotonic()
                     if etag != seen_etag:
                         seen_etag, seen_since = etag, now_mono
                     elif now_mono - seen_since > self.stale_after:
@@ -359,17 +372,17 @@ class StoreLockManager:
                     if request_release and not asked:
                         asked = True
                         await self._ask_release(key, record)
-                    wait_for = max(0.0, float(record.get("expires", 0)) - self._clock()) + 0.005
+                    wait_for = max(0.0, float(record.get("expires", 0)) + self.max_clock_skew - self._clock()) + 0.005
             except TransientError as exc:
                 last_error = exc
             except PermanentError as exc:
                 raise StoreFailed(f"the store refused the lease of {key!r}: {exc}") from exc
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self._monotonic()
             if remaining <= 0:
                 self.stats.timeouts += 1
                 if last_error is not None:
                     raise StoreUnavailable(f"the store failed while waiting for the lease of {key!r}: {last_error}")
-                raise LockTimeout(key, time.monotonic() - started)
+                raise LockTimeout(key, self._monotonic() - started)
             # Full jitter, so pollers on several gateways do not line up; never sleep past the
             # holder's expiry, so a dead holder's key frees within a few ms of it.
             pause = random.uniform(delay / 2, delay)
@@ -405,7 +418,7 @@ class StoreLockManager:
         if current is None:
             log.error("lease record of %r is unreadable; replacing it", key)
             return await self._take_over(key, owner, {"token": 0, "released": True}, blob.etag, expired=False)
-        if current.get("released") or float(current.get("expires", 0)) <= self._clock():
+        if current.get("released") or float(current.get("expires", 0)) + self.max_clock_skew <= self._clock():
             return await self._take_over(key, owner, current, blob.etag, expired=not current.get("released"))
         return current, blob.etag
 
@@ -447,11 +460,11 @@ class StoreLockManager:
             await asyncio.sleep(interval)
             if slot.lost or not local.valid:
                 return
-            if time.monotonic() - local.renewed_at > self.stale_after:
+            if self._monotonic() - local.renewed_at > self.stale_after:
                 # Same rule as in one process: a holder that stopped renewing is stale. Stop
                 # renewing the record so a waiter anywhere can take over at its expiry.
                 log.warning("lease of %r (token %d) not renewed by its holder %r for %.1fs; letting it expire",
-                            slot.key, slot.token, lease.owner, time.monotonic() - local.renewed_at)
+                            slot.key, slot.token, lease.owner, self._monotonic() - local.renewed_at)
                 return
             record = dict(slot.record, renewed=self._clock(), expires=self._clock() + self.stale_after)
             try:
@@ -463,7 +476,7 @@ class StoreLockManager:
             except (TransientError, PermanentError) as exc:
                 # Keep trying; check() starts refusing on its own when the deadline passes.
                 log.warning("renewing the lease of %r failed: %s", slot.key, exc)
-                interval = max(0.05, min(self.renew_interval, slot.valid_until - time.monotonic()) / 2)
+                interval = max(0.05, min(self.renew_interval, slot.valid_until - self._monotonic()) / 2)
                 continue
             slot.etag, slot.record, slot.valid_until = etag, record, until
             interval = self.renew_interval
@@ -496,7 +509,7 @@ class StoreLockManager:
         was_lost = slot.lost
         if not slot.lost:
             slot.lost = "was released"
-        if not release_record or was_lost or time.monotonic() > slot.valid_until:
+        if not release_record or was_lost or self._monotonic() > slot.valid_until:
             return
         record = dict(slot.record, released=True, expires=self._clock())
         try:

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import functools
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable
 
 from cachetools import TTLCache
 
-from storage import hashing, keys, readplan
-from storage.backends.base import Backend, Blob, InvalidKey, NotFound, PermanentError, PreconditionFailed, TransientError
+from storage import hashing, intents, keys, readplan
+from storage.backends.base import Backend, Blob, NotFound, PermanentError, PreconditionFailed, TransientError
 from storage.buffers import ChunkBuffers
 from storage.cache import ChunkCache
 from storage.errors import (
@@ -39,8 +39,11 @@ from storage.errors import (
     ObjectNotFound,
     StoreFailed,
     StoreUnavailable,
+    from_backend,
 )
-from storage.manifest import ChunkRef, Manifest, ManifestError
+from storage.locks import Lease
+from storage.manifest import ChunkRef, Manifest
+from storage.manifests import CommitResult, Current, Event, ManifestStore, Outcome, version_of
 from storage.tolerance import SizeTolerance, Verdict
 
 log = logging.getLogger("chunkgate.objects")
@@ -83,36 +86,48 @@ class StoreOptions:
     # 4 GiB object's manifest stays ~420 KB (1 MiB: 160 KB; 128 KiB: 770 KB).
     block_size: int = 256 * 1024
     lock_timeout: float | None = None
+    intent_seconds: float = 86400.0  # a PUT's chunks are protected from gc this long (storage.intents)
 
 
-@dataclass(frozen=True, slots=True)
-class Current:
-    """The committed manifest of a key and the store ETag of its manifest record (for CAS)."""
+@dataclass
+class CommitAttempt:
+    """Where a writer stands with its commit, for deciding what its chunks may become on failure:
+    ``in_doubt`` while a record write may have landed, ``committed`` once one has."""
 
-    manifest: Manifest
-    store_etag: str
+    in_doubt: bool = False
+    committed: bool = False
+
+    @property
+    def may_have_landed(self) -> bool:
+        return self.in_doubt or self.committed
 
 
 class ObjectStore:
-    def __init__(self, backend: Backend, locks: Any, options: StoreOptions | None = None) -> None:
+    def __init__(self, backend: Backend, locks: Any, options: StoreOptions | None = None, *,
+                 clock: Callable[[], float] = time.time) -> None:
         self.backend = backend
         self.locks = locks
         self.options = options or StoreOptions()
         self.stats = IntegrityStats()
+        self.clock = clock
+        self.manifests = ManifestStore(backend, clock=clock)
         self.cache: ChunkCache[StoredChunk] = ChunkCache(self.options.cache_bytes, lambda c: _cost(len(c.data)))
         self._manifests: TTLCache = TTLCache(maxsize=4096, ttl=self.options.manifest_ttl)
         self._manifest_reads: dict[str, tuple[int, asyncio.Future[Current]]] = {}
-        self._writing: collections.Counter[tuple[str, str]] = collections.Counter()
         self._manifest_writes = 0  # bumped by every commit/delete/repair of this process
         self._pending_gc: set[asyncio.Task[None]] = set()
         self._repairs: dict[str, asyncio.Task[None]] = {}
         self.buffers = ChunkBuffers(self.options.chunk_size, keep=self.options.write_concurrency + 1)
+        # Called with the key after each commit of this process lands (hooks deliver promptly).
+        self.on_committed: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ reads: manifests
     async def head(self, key: str, *, fresh: bool = False) -> Manifest:
         """The committed manifest of ``key``; raises ``ObjectNotFound``. ``fresh``: bypass the
         short-lived manifest cache (after a repair, or when staleness matters)."""
-        return (await self._current(key, fresh=fresh)).manifest
+        manifest = (await self._current(key, fresh=fresh)).manifest
+        assert manifest is not None  # _current never returns a tombstone
+        return manifest
 
     async def _current(self, key: str, *, fresh: bool = False) -> Current:
         if fresh:
@@ -135,7 +150,9 @@ class ObjectStore:
 
     async def _read_and_cache(self, key: str) -> Current:
         writes = self._manifest_writes
-        current = await self._read_current(key)
+        current = await self.manifests.read(key)
+        if current is None or current.manifest is None:
+            raise ObjectNotFound(f"no object at key {key!r}")
         # A commit, delete or repair that landed while this read was in flight may have made it
         # stale: caching it would serve the old manifest for a whole TTL after the change (a
         # repaired object kept failing reads that way). Use it once, don't cache it.
@@ -147,28 +164,70 @@ class ObjectStore:
         self._manifest_writes += 1
         self._manifests.pop(key, None)
 
-    async def _read_current(self, key: str) -> Current:
-        try:
-            blob = await self.backend.get(keys.manifest_key(key))
-        except NotFound:
-            raise ObjectNotFound(f"no object at key {key!r}") from None
-        except TransientError as exc:
-            raise StoreUnavailable(f"the store failed reading the manifest: {exc}", retry_after=exc.retry_after) from exc
-        except InvalidKey as exc:
-            raise _key_too_long(key, exc) from None
-        except PermanentError as exc:
-            raise StoreFailed(f"the store refused reading the manifest: {exc}") from exc
-        try:
-            manifest = Manifest.from_json(blob.data, expect_key=key)
-        except ManifestError as exc:
-            raise CorruptManifest(f"the manifest of {key!r} is damaged: {exc}") from exc
-        return Current(manifest, blob.etag)
+    # ------------------------------------------------------------------ the commit protocol
+    async def commit_record(self, key: str, new: Manifest | None, expected: Current | None, lease: Lease,
+                            attempt: CommitAttempt, *, events: tuple[Event, ...] = ()) -> CommitResult:
+        """One conditional write of ``key``'s record under ``lease`` (the key's lock), and what
+        follows from its outcome here: the cache forgets the key, a replaced version's chunks
+        are deleted after the grace period, an emptied tombstone is removed. ``attempt`` says
+        where the writer stands if anything below raises or is cancelled."""
+        lease.check()  # fencing: a holder cleared as stale must not write (no await until the put)
+        attempt.in_doubt = True
+        result = await self.manifests.commit(key, new, expected, events=events)
+        self._forget_manifest(key)
+        if result.outcome is Outcome.LOST:
+            attempt.in_doubt = False
+            self.stats.commit_conflicts += 1
+        elif result.outcome is Outcome.COMMITTED:
+            attempt.in_doubt, attempt.committed = False, True
+            assert result.current is not None
+            self._landed(expected, result.current)
+        return result
 
-    async def _current_or_none(self, key: str) -> Current | None:
-        try:
-            return await self._current(key, fresh=True)
-        except ObjectNotFound:
-            return None
+    def _landed(self, replaced: Current | None, now: Current) -> None:
+        if now.manifest is not None and version_of(replaced) != now.version:
+            self.stats.objects_committed += 1
+        if replaced is not None and replaced.manifest is not None and replaced.version != now.version:
+            self._delete_version_later(replaced.manifest)
+        if self.on_committed is not None:
+            try:
+                self.on_committed(now.key)
+            except Exception:  # a hook's bug must never undo or fail a landed commit
+                log.exception("on_committed callback failed")
+
+    async def record(self, key: str) -> Current | None:
+        """The key's record as the store holds it now, tombstones included (for a writer about to
+        commit over it: the next write names this record's ETag)."""
+        return await self.manifests.read(key)
+
+    async def _commit_latest(self, manifest: Manifest, lease: Lease, attempt: CommitAttempt,
+                             check: Callable[[str | None], None] | None, events: tuple[Event, ...]) -> None:
+        """Commit ``manifest`` over whatever is current: the semantics of an unconditional PUT
+        (last writer wins) unless ``check`` says otherwise. The key's lock serializes this
+        gateway's writers; a LOST write means another gateway's commit landed between our read
+        and our write (a lease taken over), so read again and retry, boundedly."""
+        key = manifest.key
+        for _ in range(5):
+            current = await self.record(key)
+            if version_of(current) == manifest.version:
+                attempt.committed = True  # an earlier attempt of ours landed after all
+                return
+            if check is not None:
+                check(current.manifest.etag if current is not None and current.manifest is not None else None)
+            result = await self.commit_record(key, manifest, current, lease, attempt, events=events)
+            if result.outcome is Outcome.COMMITTED:
+                return
+            if result.outcome is Outcome.UNKNOWN:
+                raise StoreUnavailable(f"the store failed committing the manifest and its outcome is unknown: {result.error}",
+                                       retry_after=getattr(result.error, "retry_after", None), outcome_unknown=True)
+        raise CommitConflict(f"gave up committing {key!r}: other writers kept winning")
+
+    async def commit(self, manifest: Manifest, *, check: Callable[[str | None], None] | None = None,
+                     owner: str = "commit") -> None:
+        """Make ``manifest`` (whose chunks are stored) the key's current version, under the key's
+        lock, as a PUT's commit does."""
+        async with self.locks.hold(manifest.key, owner=owner, timeout=self.options.lock_timeout) as lease:
+            await self._commit_latest(manifest, lease, CommitAttempt(), check, ())
 
     # ------------------------------------------------------------------ writes
     async def put(
@@ -182,23 +241,30 @@ class ObjectStore:
         sha256_hex: str | None = None,
         check: Callable[[str | None], None] | None = None,
         owner: str = "put",
+        event: Event | None = None,
     ) -> Manifest:
         """Stream ``body`` into chunks and commit a manifest for ``key``.
 
         ``check(current_etag_or_None)`` evaluates the request's preconditions against the
         object as it is; it raises ``PreconditionNotMet``. It runs before the body is read (to
         fail fast) and again under the lock right before the commit (to be right).
-        On any failure nothing is committed and the chunks written so far are removed.
-        """
+        ``event``: announce the commit (hooks): written into the record with the commit.
+        On a failure before the commit, nothing is committed and the chunks are removed. When
+        the commit's outcome is unknown (a store failure, cancellation) the chunks are left for
+        gc: the manifest may have landed, and it would then name them."""
         limit = self.options.max_object_size
         if limit is not None and content_length is not None and content_length > limit:
             raise BodyTooLarge(f"the object is {content_length} bytes; the limit is {limit}")
+        self.manifests.check_key(key)
         if check is not None:
-            cur = await self._current_or_none(key)
-            check(cur.manifest.etag if cur else None)
-        version = keys.new_version()
+            cur = await self.record(key)
+            check(cur.manifest.etag if cur is not None and cur.manifest is not None else None)
+        version = keys.new_version(self.clock())
+        # The intent first, so gc in any process leaves this version's chunks alone until we
+        # have committed or cleaned up (see storage.intents).
+        await intents.begin(self.backend, key, version, expires=self.clock() + self.options.intent_seconds)
         writer = ChunkWriter(self, key, version)
-        self._writing[(key, version)] += 1  # gc in this process must not take chunks still being written
+        attempt = CommitAttempt()
         md5 = hashlib.md5() if content_md5 else None
         whole_sha = hashlib.sha256() if sha256_hex else None
         try:
@@ -221,131 +287,84 @@ class ObjectStore:
                 version=version,
                 size=size,
                 content_type=content_type,
-                created=datetime.now(timezone.utc).replace(microsecond=0),
+                created=datetime.fromtimestamp(self.clock(), timezone.utc).replace(microsecond=0),
                 chunk_size=self.options.chunk_size,
                 chunks=tuple(chunks),
                 block_size=self.options.block_size,
             )
-            await self.commit(manifest, check=check, owner=owner)
-            return manifest
-        except StoreUnavailable as exc:
-            if not exc.outcome_unknown:
-                await writer.abort()
-            raise
+            announce = (self.announcement(event, manifest),) if event is not None else ()
+            async with self.locks.hold(key, owner=owner, timeout=self.options.lock_timeout) as lease:
+                await self._commit_latest(manifest, lease, attempt, check, announce)
         except BaseException:
-            await writer.abort()
+            if attempt.in_doubt and not attempt.committed:
+                # The manifest may still land and name these chunks: keep them and the intent,
+                # which protects them from gc until it expires; then gc judges by the manifest.
+                raise
+            if not attempt.committed:
+                await writer.abort()
+            await asyncio.shield(intents.end(self.backend, version))
             raise
-        finally:
-            self._writing[(key, version)] -= 1
-            if not self._writing[(key, version)]:
-                del self._writing[(key, version)]
+        await asyncio.shield(intents.end(self.backend, version))
+        return manifest
 
-    async def commit(
-        self,
-        manifest: Manifest,
-        *,
-        check: Callable[[str | None], None] | None = None,
-        owner: str = "commit",
-        lease: Any = None,
-    ) -> None:
-        """Make ``manifest`` the object's current version, under the key's lock, by a conditional
-        write on the manifest record. Chunks of the replaced version are deleted after the grace
-        period. ``lease``: an already-held lease of the key (tus holds its own)."""
-        if lease is not None:
-            await self._commit_locked(manifest, lease, check)
-            return
-        async with self.locks.hold(manifest.key, owner=owner, timeout=self.options.lock_timeout) as held:
-            await self._commit_locked(manifest, held, check)
+    def announcement(self, event: Event, manifest: Manifest, *, upload_id: str | None = None) -> Event:
+        """The post-commit event a commit of ``manifest`` carries (the fields API.md names)."""
+        return {
+            "id": f"{event.get('type', 'post-finish')}-{manifest.version}-{keys.new_version(self.clock())[13:]}",
+            "type": event.get("type", "post-finish"),
+            "time": datetime.fromtimestamp(self.clock(), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "key": manifest.key,
+            "size": manifest.size,
+            "etag": manifest.etag,
+            "version": manifest.version,
+            "content_type": manifest.content_type,
+            "upload_id": upload_id,
+            "metadata": event.get("metadata", {}),
+        }
 
-    async def _commit_locked(self, manifest: Manifest, lease: Any, check: Callable[[str | None], None] | None) -> None:
-        key = manifest.key
-        raw = manifest.to_json()
-        # A conditional write that loses means another gateway committed between our read and
-        # our write (this gateway's writers are serialized by the lock). Unconditional PUT
-        # semantics are last-writer-wins, so re-read and try again, boundedly.
-        previous: Current | None = None
-        for attempt in range(5):
-            current = await self._current_or_none(key)
-            if current is not None and current.manifest.version == manifest.version:
-                # Our own write landed although its answer was lost (a retried conditional put
-                # then reports a conflict with itself): committed, whatever the error said.
-                self._committed(manifest, previous)
-                return
-            previous = current
-            if check is not None:
-                check(current.manifest.etag if current else None)
-            lease.check()  # fencing: a stale-cleared holder must not commit
-            try:
-                if current is None:
-                    await self.backend.put(keys.manifest_key(key), raw, if_none_match=True)
-                else:
-                    await self.backend.put(keys.manifest_key(key), raw, if_match=current.store_etag)
-            except PreconditionFailed:
-                self.stats.commit_conflicts += 1
-                continue
-            except TransientError as exc:
-                await self._resolve_unknown_commit(manifest, previous, exc)
-                return
-            except InvalidKey as exc:
-                raise _key_too_long(key, exc) from None
-            except PermanentError as exc:
-                raise StoreFailed(f"the store refused the manifest: {exc}") from exc
-            self._committed(manifest, current)
-            return
-        raise CommitConflict(f"gave up committing {key!r}: other writers kept winning")
-
-    def _committed(self, manifest: Manifest, replaced: Current | None) -> None:
-        self._forget_manifest(manifest.key)
-        self.stats.objects_committed += 1
-        if replaced is not None and replaced.manifest.version != manifest.version:
-            self._delete_version_later(replaced.manifest)
-
-    async def _resolve_unknown_commit(self, manifest: Manifest, previous: Current | None, exc: TransientError) -> None:
-        """The manifest write failed in a way that may have landed (a timeout after the store
-        took it). Read it back: ours -> committed; someone else's or absent -> not committed,
-        say so; unreadable -> the outcome is unknown, and the caller must not delete the chunks
-        (gc collects them if the commit did not land)."""
-        try:
-            current = await self._read_current(manifest.key)
-        except ObjectNotFound:
-            current = None
-        except Exception:
-            raise StoreUnavailable(f"the store failed committing the manifest and its outcome is unknown: {exc}",
-                                   retry_after=exc.retry_after, outcome_unknown=True) from exc
-        if current is not None and current.manifest.version == manifest.version:
-            self._committed(manifest, previous)
-            return
-        raise StoreUnavailable(f"the store failed committing the manifest: {exc}", retry_after=exc.retry_after) from exc
-
-    async def delete(self, key: str, *, check: Callable[[str | None], None] | None = None, owner: str = "delete") -> None:
+    async def delete(self, key: str, *, check: Callable[[str | None], None] | None = None, owner: str = "delete",
+                     event: Event | None = None) -> None:
+        """Delete ``key``: its record becomes a tombstone by a conditional write, so a delete
+        delayed past a lease takeover cannot remove a version committed after its check."""
         async with self.locks.hold(key, owner=owner, timeout=self.options.lock_timeout) as lease:
-            current = await self._current_or_none(key)
-            if current is None:
-                raise ObjectNotFound(f"no object at key {key!r}")
-            if check is not None:
-                check(current.manifest.etag)
-            lease.check()
-            try:
-                await self.backend.delete(keys.manifest_key(key))
-            except TransientError as exc:
-                raise StoreUnavailable(f"the store failed deleting: {exc}", retry_after=exc.retry_after) from exc
-            self._forget_manifest(key)
-            self._delete_version_later(current.manifest)
+            attempt = CommitAttempt()
+            for _ in range(5):
+                current = await self.record(key)
+                if current is None or current.manifest is None:
+                    raise ObjectNotFound(f"no object at key {key!r}")
+                if check is not None:
+                    check(current.manifest.etag)
+                announce: tuple[Event, ...] = ()
+                if event is not None:
+                    announce = ({"id": f"post-delete-{current.manifest.version}-{keys.new_version(self.clock())[13:]}",
+                                 "type": "post-delete", "key": key, "version": current.manifest.version,
+                                 "time": datetime.fromtimestamp(self.clock(), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")},)
+                result = await self.commit_record(key, None, current, lease, attempt, events=announce)
+                if result.outcome is Outcome.COMMITTED:
+                    assert result.current is not None
+                    await self.manifests.remove_tombstone(result.current)
+                    return
+                if result.outcome is Outcome.UNKNOWN:
+                    raise StoreUnavailable(f"the store failed deleting and the outcome is unknown: {result.error}",
+                                           retry_after=getattr(result.error, "retry_after", None), outcome_unknown=True)
+            raise CommitConflict(f"gave up deleting {key!r}: other writers kept winning")
 
     def _delete_version_later(self, manifest: Manifest) -> None:
         """Remove a replaced version's chunks after the grace period, so readers in flight finish.
         If the process stops first, ``chunkgate gc`` finds them as unreferenced."""
+        self.delete_version_later(manifest.key, manifest.version, len(manifest.chunks))
 
+    def delete_version_later(self, key: str, version: str, count: int) -> None:
         async def later() -> None:
             await asyncio.sleep(self.options.grace_seconds)
             try:
-                current = await self._current_or_none(manifest.key)
+                current = await self.record(key)
             except Exception as exc:  # unsure what is current: leave the chunks to gc
-                log.warning("not deleting replaced version %s of %r: %s", manifest.version, manifest.key, exc)
+                log.warning("not deleting replaced version %s of %r: %s", version, key, exc)
                 return
-            if current is not None and current.manifest.version == manifest.version:
-                return  # committed again since (a resumed upload's commit): still referenced
-            await self.delete_chunks(manifest.key, manifest.version, len(manifest.chunks))
+            if version_of(current) == version:
+                return  # still referenced (belt and braces: a replaced version never returns)
+            await self.delete_chunks(key, version, count)
 
         task = asyncio.ensure_future(later())
         self._pending_gc.add(task)
@@ -422,10 +441,8 @@ class ObjectStore:
             blob = await self.backend.get(ck, view=True)  # read-only and never mutated: no copy needed
         except NotFound:
             raise StoreFailed(f"chunk {ck} referenced by a committed manifest is missing") from None
-        except TransientError as exc:
-            raise StoreUnavailable(f"the store failed reading a chunk: {exc}", retry_after=exc.retry_after) from exc
-        except PermanentError as exc:
-            raise StoreFailed(f"the store refused reading a chunk: {exc}") from exc
+        except (TransientError, PermanentError) as exc:
+            raise from_backend(exc, "reading a chunk") from exc
         if len(blob.data) != blob.size:
             raise StoreUnavailable(f"short read of {ck}: {len(blob.data)} of {blob.size} bytes")
         digest = None
@@ -479,8 +496,8 @@ class ObjectStore:
             blob = await self.backend.get(ck, start=lo, end=hi, view=True)
         except NotFound:
             raise StoreFailed(f"chunk {ck} referenced by a committed manifest is missing") from None
-        except TransientError as exc:
-            raise StoreUnavailable(f"the store failed reading a chunk: {exc}", retry_after=exc.retry_after) from exc
+        except (TransientError, PermanentError) as exc:
+            raise from_backend(exc, "reading a chunk") from exc
         self._check(manifest, ref, blob.size, None)
         if len(blob.data) != hi - lo:
             raise StoreUnavailable(f"short read of {ck}: {len(blob.data)} of {hi - lo} bytes")
@@ -528,9 +545,12 @@ class ObjectStore:
     async def repair(self, key: str, *, owner: str = "repair") -> list[tuple[int, int, int]]:
         """Re-record every chunk whose stored size drifted within tolerance (and chunks lacking a
         SHA-256) as stored: the chunk is taken as it is. Returns (index, old, new) per change.
-        Raises ``ChunkRejected`` for chunks beyond repair (the manifest is left as it was)."""
+        Raises ``ChunkRejected`` for chunks beyond repair (the manifest is left as it was), and
+        ``CommitConflict`` when the object changed while it was being repaired."""
         async with self.locks.hold(key, owner=owner, timeout=self.options.lock_timeout) as lease:
-            current = await self._current(key, fresh=True)
+            current = await self.record(key)
+            if current is None or current.manifest is None:
+                raise ObjectNotFound(f"no object at key {key!r}")
             manifest = current.manifest
             changes: list[tuple[int, int, int]] = []
             for ref in manifest.chunks:
@@ -539,6 +559,8 @@ class ObjectStore:
                     info = await self.backend.head(ck)
                 except NotFound:
                     raise StoreFailed(f"chunk {ck} of {key!r} is missing; it cannot be repaired") from None
+                except (TransientError, PermanentError) as exc:
+                    raise from_backend(exc, "reading a chunk to repair") from exc
                 if info.size == ref.size and ref.sha256 is not None:
                     continue
                 verdict = self.options.tolerance.verdict(ref.size, info.size)
@@ -547,19 +569,28 @@ class ObjectStore:
                         f"chunk {ref.index} of {key!r} is {info.size} bytes, beyond tolerance of {ref.size}",
                         key=key, index=ref.index, expected=ref.size, actual=info.size,
                     )
-                blob = await self.backend.get(ck)
-                digest = hashlib.sha256(blob.data).hexdigest()
+                try:
+                    blob = await self.backend.get(ck)
+                except NotFound:
+                    raise StoreFailed(f"chunk {ck} of {key!r} is missing; it cannot be repaired") from None
+                except (TransientError, PermanentError) as exc:
+                    raise from_backend(exc, "reading a chunk to repair") from exc
+                if len(blob.data) != blob.size:
+                    raise StoreUnavailable(f"short read of {ck} while repairing")
+                digest, blocks = await digests(blob.data, manifest.block_size)
                 if info.size == ref.size and ref.sha256 is None:
-                    manifest = manifest.with_chunk(ChunkRef(ref.index, ref.offset, ref.size, digest))
+                    manifest = manifest.with_chunk(ChunkRef(ref.index, ref.offset, ref.size, digest, blocks))
                     continue
                 self.cache.discard(ck)
-                manifest = manifest.with_chunk(ChunkRef(ref.index, ref.offset, len(blob.data), digest))
+                manifest = manifest.with_chunk(ChunkRef(ref.index, ref.offset, len(blob.data), digest, blocks))
                 changes.append((ref.index, ref.size, len(blob.data)))
             if manifest is current.manifest:
                 return changes
-            lease.check()
-            await self.backend.put(keys.manifest_key(key), manifest.to_json(), if_match=current.store_etag)
-            self._forget_manifest(key)
+            result = await self.commit_record(key, manifest, current, lease, CommitAttempt())
+            if result.outcome is Outcome.LOST:
+                raise CommitConflict(f"{key!r} changed while it was being repaired; nothing was changed")
+            if result.outcome is Outcome.UNKNOWN:
+                raise StoreUnavailable(f"the store failed recording the repair: {result.error}", outcome_unknown=True)
             self.stats.manifest_repairs += 1
             log.warning("manifest repaired: key=%r changes=%s", key, changes)
             return changes
@@ -569,13 +600,12 @@ class ObjectStore:
         """Up to ``limit`` objects whose key starts with ``prefix``, in key order, after
         ``after``; and the key to continue after (None when there is no more)."""
         found: list[str] = []
-        start_after = keys.manifest_key(after) if after else None
         more = False
-        async for info in self.backend.list(keys.manifest_key(prefix), start_after=start_after):
+        async for name in self.manifests.scan(prefix, start_after=after):
             if len(found) == limit:
                 more = True
                 break
-            found.append(keys.object_key_of_manifest(info.key))
+            found.append(name)
         sem = asyncio.Semaphore(16)
 
         async def one(k: str) -> Manifest | None:
@@ -587,11 +617,6 @@ class ObjectStore:
 
         manifests = [m for m in await asyncio.gather(*(one(k) for k in found)) if m is not None]
         return manifests, (found[-1] if more and found else None)
-
-    def writing_versions(self) -> set[tuple[str, str]]:
-        """(key, version) of every PUT this process is writing now: chunks without a manifest
-        yet, which gc must leave alone however old their version is."""
-        return set(self._writing)
 
     async def close(self) -> None:
         for task in list(self._pending_gc) + list(self._repairs.values()):
@@ -642,9 +667,8 @@ class ChunkWriter:
         try:
             bs = self.store.options.block_size
             # One SHA-256 pass for the chunk, and a cheap digest per block in the same sweep over
-            # memory (storage.hashing). Both release the GIL on large buffers: hash off the loop.
-            digest, blocks = await asyncio.to_thread(hashing.hash_chunk, data, bs) if len(data) > 1 << 20 \
-                else hashing.hash_chunk(data, bs)
+            # memory (storage.hashing), off the event loop.
+            digest, blocks = await digests(data, bs)
             ck = keys.chunk_key(self.key, self.version, index)
             backend = self.store.backend
             try:
@@ -653,9 +677,9 @@ class ChunkWriter:
                 # create-only: a chunk key is written once, ever; a collision is a bug, not a race to win
                 await backend.put(ck, data, if_none_match=True)
                 info = await backend.head(ck)
-            except TransientError as exc:
-                raise StoreUnavailable(f"the store failed writing chunk {index}: {exc}", retry_after=exc.retry_after) from exc
-            except (PermanentError, PreconditionFailed) as exc:
+            except (TransientError, PermanentError) as exc:
+                raise from_backend(exc, f"writing chunk {index}") from exc
+            except (PreconditionFailed, NotFound) as exc:
                 raise StoreFailed(f"the store refused chunk {index}: {exc}") from exc
             if info.size != len(data):
                 raise StoreFailed(f"chunk {index} reads back as {info.size} bytes; {len(data)} were written")
@@ -765,11 +789,24 @@ def _cost(size: int) -> int:
     return size + 64
 
 
-def _key_too_long(key: str, exc: InvalidKey) -> keys.BadKey:
-    """A key the store cannot hold: API.md allows 1024-byte keys, but an S3 store adds its prefix
-    and the manifest record its 'm/', and the fs store refuses characters its filesystem can't
-    hold safely (backslashes). That is the client's key, not a store failure: a 400 bad_key."""
-    return keys.BadKey(f"this store cannot hold the key ({exc}); use a shorter or simpler key")
+# Above this, hashing runs in a worker thread (hashlib and xxhash release the GIL): on the event
+# loop an 8 MiB chunk stalled every response in flight for ~5 ms. Below it a thread hop costs more.
+_HASH_OFF_LOOP_BYTES = 1 << 20
+
+
+async def sha256_hex(data: bytes) -> str:
+    """The SHA-256 of ``data``, off the event loop when it is large."""
+    if len(data) > _HASH_OFF_LOOP_BYTES:
+        return await asyncio.to_thread(hashing.sha256_hex, data)
+    return hashing.sha256_hex(data)
+
+
+async def digests(data: bytes, block_size: int) -> tuple[str, tuple[str, ...] | None]:
+    """The chunk's SHA-256 and its block digests in one sweep (``hashing.hash_chunk``), off the
+    event loop when ``data`` is large."""
+    if len(data) > _HASH_OFF_LOOP_BYTES:
+        return await asyncio.to_thread(hashing.hash_chunk, data, block_size)
+    return hashing.hash_chunk(data, block_size)
 
 
 def _verify_md5(header: str, digest: bytes) -> None:

@@ -54,11 +54,16 @@ def build_backend(opts: StackOptions, observer: BackendObserver | None = None,
     return backend
 
 
-def _retries_itself(backend: Backend) -> bool:
-    """Whether the raw store client under the wrappers already retries (botocore does)."""
+def innermost(backend: Backend) -> Backend:
+    """The raw store client under every wrapper."""
     while hasattr(backend, "inner"):
         backend = backend.inner  # type: ignore[attr-defined]
-    return bool(getattr(backend, "retries_itself", backend.name.startswith("s3://")))
+    return backend
+
+
+def _retries_itself(backend: Backend) -> bool:
+    """Whether the raw store client under the wrappers already retries (botocore does)."""
+    return innermost(backend).name.startswith("s3://")
 
 
 def build_locks(opts: StackOptions, backend: Backend, on_wait: Callable[[float], None] | None = None) -> Any:

@@ -43,10 +43,21 @@ from typing import Any, AsyncIterable, Awaitable, Callable, TypeVar
 
 from storage import keys
 from storage.backends.base import NotFound, ObjectInfo, PermanentError, PreconditionFailed, TransientError
-from storage.errors import BadRequest, BodyTooLarge, CommitConflict, ObjectError, ObjectNotFound, StoreFailed, StoreUnavailable
+from storage.errors import (
+    BadRequest,
+    BodyTooLarge,
+    CommitConflict,
+    ObjectError,
+    ObjectNotFound,
+    StoreFailed,
+    StoreUnavailable,
+    from_backend,
+)
+from storage.keys import BadKey
 from storage.locks import LeaseLost
-from storage.manifest import ChunkRef, Manifest, ManifestError, block_count
-from storage.objects import ChunkWriter, ObjectStore
+from storage.manifest import ChunkRef, Manifest, block_count
+from storage.manifests import Event, Outcome, version_of
+from storage.objects import ChunkWriter, CommitAttempt, ObjectStore, sha256_hex
 
 log = logging.getLogger("chunkgate.uploads")
 
@@ -81,6 +92,23 @@ class UploadChecksumMismatch(ObjectError):
     """The PATCH body does not match its Upload-Checksum; it was discarded (tus: HTTP 460)."""
 
     code = "checksum_mismatch"
+
+
+class UploadInterrupted(ObjectError):
+    """Another request for the upload asked this PATCH to stop before its body was all read,
+    and its Upload-Checksum covers the whole body, so none of it was kept (HTTP 409 with the
+    durable Upload-Offset): the bytes were not wrong, so this is never a 460."""
+
+    code = "upload_interrupted"
+
+    def __init__(self, message: str, *, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+class BodyInterrupted(Exception):
+    """Raised by a PATCH body iterator that stops early because another request asked for the
+    upload's lock (``Lease.release_requested``)."""
 
 
 class UploadTooLarge(BodyTooLarge):
@@ -126,6 +154,15 @@ class UploadRecord:
     hashes: dict[int, str] = field(default_factory=dict)  # SHA-256 of chunks known to be written
     blocks: dict[int, list[str]] = field(default_factory=dict)  # their per-block SHA-256, when known
     finished: float | None = None  # when it entered a terminal state
+    # Recorded under the object key's lock when the upload enters ``committing``: the version
+    # (None: no object) its commit replaces. A retry commits only over exactly that, so it can
+    # never replace a version that came after its own (storage.manifests).
+    replaces: str | None = None
+    replaces_known: bool = False
+    # Completed without its own commit: a later write replaced what this upload was to replace
+    # before its commit could land, so the upload took effect and was replaced at once.
+    superseded: bool = False
+    meta: dict[str, str] = field(default_factory=dict)  # the tus metadata as a map (hook events)
 
     def to_json(self) -> bytes:
         doc = {
@@ -134,7 +171,8 @@ class UploadRecord:
             "metadata": self.metadata, "created": self.created, "expires": self.expires,
             "state": self.state.value, "hashes": {str(i): h for i, h in sorted(self.hashes.items())},
             "blocks": {str(i): b for i, b in sorted(self.blocks.items())},
-            "finished": self.finished,
+            "finished": self.finished, "replaces": self.replaces, "replaces_known": self.replaces_known,
+            "superseded": self.superseded, "meta": self.meta,
         }
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -153,6 +191,10 @@ class UploadRecord:
                 hashes={int(i): str(h) for i, h in (doc.get("hashes") or {}).items()},
                 blocks={int(i): [str(h) for h in b] for i, b in (doc.get("blocks") or {}).items()},
                 finished=None if doc.get("finished") is None else float(doc["finished"]),
+                replaces=None if doc.get("replaces") is None else str(doc["replaces"]),
+                replaces_known=bool(doc.get("replaces_known", False)),
+                superseded=bool(doc.get("superseded", False)),
+                meta={str(k): str(v) for k, v in (doc.get("meta") or {}).items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreFailed(f"an upload record is damaged: {exc}") from None
@@ -288,10 +330,8 @@ async def _guard(what: str, call: Awaitable[T]) -> T:
     """Backend errors as object-layer errors (the gateway maps those to HTTP in one place)."""
     try:
         return await call
-    except TransientError as exc:
-        raise StoreUnavailable(f"the store failed {what}: {exc}", retry_after=exc.retry_after) from exc
-    except PermanentError as exc:
-        raise StoreFailed(f"the store refused {what}: {exc}") from exc
+    except (TransientError, PermanentError) as exc:
+        raise from_backend(exc, what) from exc
 
 
 # ------------------------------------------------------------------------------------ sessions
@@ -300,13 +340,16 @@ class UploadSessions:
     ``sweep`` expects the caller to hold the upload's lease (``lock(upload_id)``)."""
 
     def __init__(self, store: ObjectStore, options: UploadOptions | None = None, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] | None = None, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.backend = store.backend
         self.locks = store.locks
         self.options = options or UploadOptions()
         self.stats = UploadStats()
-        self._clock = clock
+        self._clock = clock or store.clock
+        self._monotonic = monotonic
+        # Announce each completed upload's commit (hooks): set from --hook-url by the gateway.
+        self.announce = False
         self._live: set[str] = set()  # ids of live sessions this gateway knows of (a gauge)
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -322,15 +365,20 @@ class UploadSessions:
 
     # -------------------------------------------------------------------------- create
     async def create(self, key: str, *, length: int | None, metadata: str, content_type: str,
-                     owner: str = "tus-create") -> UploadStatus:
-        keys.validate_key(key)
+                     owner: str = "tus-create", meta: dict[str, str] | None = None,
+                     upload_id: str | None = None) -> UploadStatus:
+        """A new session; ``upload_id``: the id to give it (``new_upload_id()``), when the caller
+        had to name it before (the pre-create hook), else a fresh one."""
+        # A key the store cannot hold is refused here, before anything is stored: found only at
+        # commit time, it left an upload that could never complete and pinned its chunks.
+        self.store.manifests.check_key(key)
         if length is not None and length > self.options.max_size:
             raise UploadTooLarge(f"the upload is {length} bytes; at most {self.options.max_size} are accepted")
         now = self._clock()
         record = UploadRecord(
-            id=new_upload_id(), key=key, version=keys.new_version(), length=length,
+            id=upload_id or new_upload_id(), key=key, version=keys.new_version(now), length=length,
             chunk_size=self.options.chunk_size, content_type=content_type, metadata=metadata,
-            created=now, expires=now + self.options.expiry,
+            created=now, expires=now + self.options.expiry, meta=dict(meta or {}),
         )
         etag = await _guard("creating the upload record",
                             self.backend.put(info_key(record.id), record.to_json(), if_none_match=True))
@@ -427,6 +475,15 @@ class UploadSessions:
                     await session.maybe_checkpoint()
         except BaseException as exc:  # noqa: BLE001 - every ending saves first, then re-raises
             error = exc
+        if isinstance(error, BodyInterrupted):
+            if hasher is not None:
+                # Only part of the body was read, so its checksum cannot be judged: keep none of
+                # it and say so truthfully (never 460 for bytes that may well be right).
+                session.discard()
+                raise UploadInterrupted("another request for this upload asked it to stop; this PATCH's bytes were "
+                                        "not kept (its Upload-Checksum covers the whole body); resume from Upload-Offset",
+                                        offset=durable.offset)
+            error = None  # what arrived is kept; the client resumes from the new offset
         if hasher is not None:
             if error is None and checksum is not None and hasher.digest() != checksum[1]:
                 error = UploadChecksumMismatch(f"the body's {checksum[0]} does not match Upload-Checksum; it was discarded")
@@ -614,23 +671,25 @@ class UploadSessions:
         await self._remove(doomed, lease)
 
     async def _complete(self, durable: _Durable, lease: Any) -> None:
-        """All bytes are in: record ``committing`` with every chunk's SHA-256, commit the
-        manifest under the object key's lock (same verification as PUT), record ``complete``."""
+        """All bytes are in: commit the upload's manifest under the object key's lock (same
+        verification as a PUT) and record ``complete``. Also finishes a commit that a crash or a
+        failure left in ``committing``, never over a version that came after it."""
         record = durable.record
         if record.state is UploadState.COMPLETE:
             return
-        if record.state is UploadState.COMMITTING:
-            committed = await self._committed_version(record.key)
-            if committed == record.version:
-                await self._mark_complete(durable, lease)
-                return
-        if record.length is None or durable.offset != record.length:
-            # committing was recorded, yet bytes are missing: the data is gone (deleted by hand?)
-            record.state = UploadState.ABORTED
-            record.finished = self._clock()
-            await self._put_record(durable, lease)
-            self._live.discard(record.id)
-            raise StoreFailed(f"upload {record.id} lost data before it could be committed")
+        try:
+            await self._commit(durable, lease)
+        except BadKey as exc:
+            # The store cannot hold the key (refused outright, nothing landed): the upload can
+            # never complete, so it ends here instead of pinning its chunks forever.
+            log.error("upload %s cannot be committed and is aborted: %s", record.id, exc)
+            await self._abort(durable, lease, f"could not be committed: {exc}")
+            raise
+
+    async def _manifest(self, durable: _Durable, lease: Any) -> Manifest:
+        """The manifest of the upload's version from its durable chunks: the saved tail becomes
+        the final chunk, and chunks a dead request wrote without recording are hashed once."""
+        record = durable.record
         await self._remove(durable.debris, lease)
         durable.debris = []
         if durable.tail is not None:
@@ -656,7 +715,7 @@ class UploadSessions:
                 blob = await _guard("reading back a chunk", self.backend.get(info.key))
                 if len(blob.data) != info.size:
                     raise StoreUnavailable(f"short read of {info.key}")
-                digest = await asyncio.to_thread(lambda d=blob.data: hashlib.sha256(d).hexdigest())
+                digest = await sha256_hex(blob.data)
                 record.hashes[index] = digest
             blocks = record.blocks.get(index)
             block_size = self.store.options.block_size
@@ -664,17 +723,79 @@ class UploadSessions:
                 blocks = None  # recorded under another block size: seeks fall back to the whole chunk
             refs.append(ChunkRef(index, offset, info.size, digest, tuple(blocks) if blocks is not None else None))
             offset += info.size
-        record.state = UploadState.COMMITTING
-        await self._put_record(durable, lease)
-        manifest = Manifest(
+        return Manifest(
             key=record.key, version=record.version, size=offset, content_type=record.content_type,
-            created=datetime.now(timezone.utc).replace(microsecond=0), chunk_size=record.chunk_size,
-            chunks=tuple(refs), extra={"upload": record.id}, block_size=self.store.options.block_size,
+            created=datetime.fromtimestamp(self._clock(), timezone.utc).replace(microsecond=0),
+            chunk_size=record.chunk_size, chunks=tuple(refs), extra={"upload": record.id},
+            block_size=self.store.options.block_size,
         )
+
+    async def _commit(self, durable: _Durable, lease: Any) -> None:
+        """The commit protocol of an upload (README, "Commits"): under the object key's lock,
+        read the key's record; first time, record ``committing`` with the version it replaces
+        (durably, before the manifest write); then commit by a conditional write over exactly
+        that record. Already ours: complete. Another version than the one recorded: a later
+        write came first, and this upload completes as superseded, never committed over it."""
+        record = durable.record
+        manifest: Manifest | None = None
         async with self.locks.hold(record.key, owner=f"tus-commit {record.id}", timeout=self.options.lock_timeout) as key_lease:
-            lease.check()
-            await self.store.commit(manifest, lease=key_lease)
+            for _ in range(5):
+                lease.check()
+                current = await self.store.record(record.key)
+                if version_of(current) == record.version:
+                    break  # an earlier attempt landed (its answer or our record was lost)
+                if record.state is UploadState.COMMITTING and record.replaces_known:
+                    if version_of(current) != record.replaces:
+                        await self._supersede(durable, lease, version_of(current))
+                        return
+                if manifest is None:
+                    if record.length is None or durable.offset != record.length:
+                        # Not committed, yet bytes are missing: the data is gone (deleted by hand?)
+                        await self._abort(durable, lease, "lost data before it could be committed")
+                        raise StoreFailed(f"upload {record.id} lost data before it could be committed")
+                    manifest = await self._manifest(durable, lease)
+                if not (record.state is UploadState.COMMITTING and record.replaces_known):
+                    record.state = UploadState.COMMITTING
+                    record.replaces, record.replaces_known = version_of(current), True
+                    await self._put_record(durable, lease)
+                events = (self._announcement(record, manifest),) if self.announce else ()
+                result = await self.store.commit_record(record.key, manifest, current, key_lease, CommitAttempt(),
+                                                        events=events)
+                if result.outcome is Outcome.COMMITTED:
+                    break
+                if result.outcome is Outcome.UNKNOWN:
+                    # Left in committing: the next request (or the sweeper) reads it back.
+                    raise StoreUnavailable(f"the store failed committing upload {record.id}; its outcome is "
+                                           f"unknown and is resolved on the next request: {result.error}",
+                                           retry_after=getattr(result.error, "retry_after", None), outcome_unknown=True)
+                # LOST: the record changed under us. Same version (its events were rewritten):
+                # try again over it; another version: the next round supersedes.
+            else:
+                raise UploadConflict(f"upload {record.id}: the object kept changing while it was being committed")
         await self._mark_complete(durable, lease)
+
+    def _announcement(self, record: UploadRecord, manifest: Manifest) -> Event:
+        return self.store.announcement({"type": "post-finish", "metadata": dict(record.meta)}, manifest,
+                                       upload_id=record.id)
+
+    async def _supersede(self, durable: _Durable, lease: Any, current: str | None) -> None:
+        record = durable.record
+        log.warning("upload %s completes without its own commit: %r is now version %s, not the %s it was to "
+                    "replace (a later write came first)", record.id, record.key, current, record.replaces)
+        record.superseded = True
+        await self._mark_complete(durable, lease)
+        # Unreferenced now (or soon: readers of it, had it been current, get the grace period).
+        self.store.delete_version_later(record.key, record.version, len(durable.chunks))
+
+    async def _abort(self, durable: _Durable, lease: Any, why: str) -> None:
+        record = durable.record
+        record.state = UploadState.ABORTED
+        record.finished = self._clock()
+        await self._put_record(durable, lease)
+        self._live.discard(record.id)
+        self.stats.aborted += 1
+        log.warning("upload %s aborted: %s", record.id, why)
+        await self._delete_data(record, lease)
 
     async def _mark_complete(self, durable: _Durable, lease: Any) -> None:
         record = durable.record
@@ -686,16 +807,6 @@ class UploadSessions:
         await self._remove(durable.debris + [k async for k in self._keys(tail_prefix(record.id))], lease)
         durable.debris = []
         durable.tail = None
-
-    async def _committed_version(self, key: str) -> str | None:
-        try:
-            blob = await _guard("reading the manifest", self.backend.get(keys.manifest_key(key)))
-        except NotFound:
-            return None
-        try:
-            return Manifest.from_json(blob.data, expect_key=key).version
-        except ManifestError:
-            return None
 
 
 class _Append:
@@ -717,7 +828,7 @@ class _Append:
         self.received = 0
         self.handed = 0  # full chunks handed to the writer
         self.held: list[bytes] = []  # checksummed body, kept until verified
-        self.last_checkpoint = time.monotonic()
+        self.last_checkpoint = self.sessions._monotonic()
         self.error: BaseException | None = None
 
     def hold(self, piece: bytes) -> None:
@@ -750,9 +861,9 @@ class _Append:
 
     async def maybe_checkpoint(self) -> None:
         """On a slow stream, make the partly filled chunk durable now and then."""
-        if self.filled <= self.saved_tail or time.monotonic() - self.last_checkpoint < self.sessions.options.checkpoint_seconds:
+        if self.filled <= self.saved_tail or self.sessions._monotonic() - self.last_checkpoint < self.sessions.options.checkpoint_seconds:
             return
-        self.last_checkpoint = time.monotonic()
+        self.last_checkpoint = self.sessions._monotonic()
         if not await self._settle_chunks():
             raise self.error  # type: ignore[misc]
         await self._save_tail()

@@ -69,9 +69,10 @@ async def test_path_traversal_through_http_never_writes_outside_the_fs_root(targ
     async with in_process_gateway(ServeConfig(chunk_size=1024), backend=FsBackend(root)) as (url, _app):
         for method in ("PUT", "GET", "DELETE", "HEAD"):
             status, body = await raw_request(url, method, target, b"evil" if method == "PUT" else b"")
-            if "%25" in target:
-                # The double-encoded form names a legal key ('%2E%2E' is just text): it lands
-                # inside the root under that literal name and reads back as written.
+            if "%25" in target or "%5C" in target or "\\" in target:
+                # The double-encoded form names a legal key ('%2E%2E' is just text), and so do
+                # backslashes (API.md allows them; no segment is '..'): each lands inside the
+                # root under an encoded name and reads back as written.
                 assert status == {"PUT": 201, "GET": 200, "DELETE": 204, "HEAD": 404}[method], (method, status, body)
                 if method == "GET":
                     assert body == b"evil"
@@ -85,12 +86,16 @@ async def test_path_traversal_through_http_never_writes_outside_the_fs_root(targ
     assert files_under(outside) == {"keep"}
 
 
-async def test_a_backslash_key_is_refused_by_the_fs_store_with_a_clean_error(tmp_path: Path) -> None:
+async def test_a_backslash_key_is_stored_and_read_back_by_the_fs_store(tmp_path: Path) -> None:
+    # API.md allows backslashes; the embedded store holds them (encoded) like any other key.
     async with in_process_gateway(ServeConfig(chunk_size=1024), backend=FsBackend(tmp_path / "root")) as (url, _app):
-        status, body = await raw_request(url, "PUT", "/objects/dir%5Cfile", b"x")
-        assert status in (400, 502) and json.loads(body)["error"]
-        status, _ = await raw_request(url, "GET", "/objects/dir%5Cfile")
-        assert status in (400, 404, 502)
+        status, body = await raw_request(url, "PUT", "/objects/dir%5C..%5Cfile", b"payload")
+        assert status == 201, body
+        status, body = await raw_request(url, "GET", "/objects/dir%5C..%5Cfile")
+        assert (status, body) == (200, b"payload")
+        status, body = await raw_request(url, "GET", "/objects?prefix=dir")
+        assert [o["key"] for o in json.loads(body)["objects"]] == ["dir\\..\\file"]
+    assert all((tmp_path / "root") in p.parents for p in tmp_path.rglob("*") if p.is_file())
 
 
 # ------------------------------------------------------------------------------ hostile manifests

@@ -41,8 +41,11 @@ def test_serve_with_no_store_flag_uses_chunkgate_data_in_the_working_directory(t
         (["--host", "0.0.0.0"], {}, "--host"),
         ([], {"CHUNKGATE_LOCK_TIMEOUT": "soon"}, "--lock-timeout"),
         (["--store", "ftp://nope"], {}, "--store"),
+        (["--active-content", "trusted"], {}, "--active-content"),
+        ([], {"CHUNKGATE_ACTIVE_CONTENT": "Sandbox"}, "--active-content"),
     ],
-    ids=["bad-size", "public-host-without-tokens", "bad-env-var", "unknown-store-scheme"],
+    ids=["bad-size", "public-host-without-tokens", "bad-env-var", "unknown-store-scheme", "bad-active-content",
+         "bad-active-content-env"],
 )
 def test_bad_configuration_exits_2_with_one_line_naming_the_setting(tmp_path: Path, args, env, flag) -> None:
     result = run_cli("serve", "--port", "0", *args, env=env)

@@ -56,7 +56,7 @@ def test_aws_endpoint_url_is_the_fallback_for_the_s3_endpoint() -> None:
     "argv,flag",
     [(["--chunk-size", "lots"], "--chunk-size"), (["--port", "99999"], "--port"), (["--lock-timeout", "0"], "--lock-timeout"),
      (["--size-tolerance-ratio", "2"], "--size-tolerance-ratio"), (["--host", "0.0.0.0"], "--host"),
-     (["--verify-reads", "md5"], "--verify-reads")],
+     (["--verify-reads", "md5"], "--verify-reads"), (["--active-content", "none"], "--active-content")],
 )
 def test_bad_settings_raise_an_error_naming_the_flag(argv: list[str], flag: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -74,3 +74,9 @@ def test_a_public_host_is_allowed_with_tokens_or_explicit_anonymous_writes() -> 
                                            ("0.0.0.0", False), ("10.0.0.1", False), ("example.org", False)])
 def test_loopback_detection(host: str, expected: bool) -> None:
     assert is_loopback(host) is expected
+
+
+def test_uploads_are_sandboxed_unless_the_operator_says_otherwise() -> None:
+    assert parse_serve_args([], environ={}).active_content == "sandbox"
+    assert parse_serve_args([], environ={"CHUNKGATE_ACTIVE_CONTENT": "inline"}).active_content == "inline"
+    assert parse_serve_args(["--active-content", "attachment"], environ={"CHUNKGATE_ACTIVE_CONTENT": "inline"}).active_content == "attachment"

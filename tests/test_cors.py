@@ -103,3 +103,26 @@ async def test_a_configured_origin_is_echoed_and_others_get_no_cors_grant() -> N
                      "Access-Control-Request-Headers": "range"}
         async with http.options(f"{base}/objects/a", headers=preflight) as resp:
             assert resp.headers.get("Access-Control-Allow-Origin") not in ("*", "http://evil.example")
+
+
+@pytest.mark.parametrize(
+    "asked,allowed,refused",
+    [
+        ("x-app-session", {"x-app-session"}, set()),
+        ("tus-resumable, upload-length, upload-metadata, x-app-session, x-tenant",
+         {"tus-resumable", "upload-length", "upload-metadata", "x-app-session", "x-tenant"}, set()),
+        ("x-app-session, cookie, x-bad name", {"x-app-session"}, {"cookie", "x-bad name"}),
+    ],
+)
+async def test_preflight_of_an_upload_app_allows_its_own_x_headers(asked: str, allowed: set[str], refused: set[str]) -> None:
+    """A web app passes its own credentials in an X-* header for its pre-create hook to check:
+    the browser only sends it if the preflight allows it by name."""
+    app_origin = "http://app.example:8000"
+    async with in_process_gateway(ServeConfig(cors_origins=app_origin)) as (base, _), aiohttp.ClientSession() as http:
+        headers = {"Origin": app_origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": asked}
+        async with http.options(f"{base}/uploads/", headers=headers) as resp:
+            assert resp.status == 204
+            assert resp.headers["Access-Control-Allow-Origin"] == app_origin
+            granted = header_set(resp.headers.get("Access-Control-Allow-Headers"))
+            assert allowed <= granted
+            assert not refused & granted

@@ -390,8 +390,9 @@ async def test_serve_runs_gc_periodically_and_counts_what_it_deleted() -> None:
         assert [i.key async for i in backend.list(keys.CHUNK_PREFIX)] == []
 
 
-async def test_gc_never_takes_the_chunks_of_a_put_still_running_in_this_process() -> None:
-    # A slow PUT whose version is older than the grace period: only "busy" protects its chunks.
+async def test_gc_never_takes_the_chunks_of_a_put_still_running_anywhere() -> None:
+    # The PUT's write intent (storage.intents) protects its chunks from a gc in any process,
+    # however long the upload takes within the intent's lifetime; age alone would not.
     from storage.objects import ObjectStore, StoreOptions
 
     backend = MemoryBackend()
@@ -408,17 +409,29 @@ async def test_gc_never_takes_the_chunks_of_a_put_still_running_in_this_process(
         await asyncio.sleep(0.01)
         if len([i async for i in backend.list(keys.CHUNK_PREFIX)]) >= 2:
             break
-    far_future = time.time() + 10 * 86400
-    report = await collect(backend, grace=3600, now=far_future, uploads=None, busy=store.writing_versions)
+    hours_later = time.time() + 2 * 3600  # the version is 2 h old: beyond a 1 h grace
+    report = await collect(backend, grace=3600, now=hours_later, uploads=None)
     assert report.chunks_deleted == 0 and report.kept_in_grace >= 2
     release.set()
     manifest = await put
     data = b"".join([bytes(p) async for p in store.read(manifest, 0, manifest.size)])
     assert len(data) == 3100
-    # Once committed, nothing is busy and the chunks are referenced: still nothing to delete.
-    assert store.writing_versions() == set()
-    report = await collect(backend, grace=3600, now=far_future, uploads=None, busy=store.writing_versions)
+    # Once committed, the intent is gone and the chunks are referenced: still nothing to delete.
+    assert [i.key async for i in backend.list(keys.INTENT_PREFIX)] == []
+    report = await collect(backend, grace=3600, now=hours_later, uploads=None)
     assert report.chunks_deleted == 0
+
+
+async def test_gc_takes_the_chunks_of_a_crashed_put_once_its_intent_expired() -> None:
+    from storage import intents
+
+    backend = MemoryBackend()
+    version = keys.new_version(time.time() - 3 * 86400)
+    await intents.begin(backend, "crashed.mp4", version, expires=time.time() - 86400)
+    await backend.put(keys.chunk_key("crashed.mp4", version, 0), b"orphan", if_none_match=True)
+    report = await collect(backend, grace=3600, uploads=None)
+    assert report.chunks_deleted == 1
+    assert [i.key async for i in backend.list("")] == []  # the expired intent went too
 
 
 async def test_a_replaced_version_committed_again_is_not_deleted_after_the_grace() -> None:

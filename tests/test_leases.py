@@ -22,7 +22,7 @@ from storage.backends.memory import MemoryBackend
 from storage.errors import ObjectNotFound
 from storage.leases import StoreLease, StoreLockManager
 from storage.locks import LeaseLost, LockManager, LockTimeout
-from storage.objects import ObjectStore, StoreOptions
+from storage.objects import CommitAttempt, ObjectStore, StoreOptions
 from storage.stack import StackOptions, build_locks
 
 pytestmark = pytest.mark.timeout(60)
@@ -68,8 +68,11 @@ class Freezable:
     async def head(self, key: str) -> ObjectInfo:
         return await self._track("head", key, self.inner.head(key))
 
-    async def delete(self, key: str) -> None:
-        return await self._track("delete", key, self.inner.delete(key))
+    async def delete(self, key: str, **kw: Any) -> None:
+        return await self._track("delete", key, self.inner.delete(key, **kw))
+
+    def check_key(self, key: str) -> None:
+        self.inner.check_key(key)
 
     async def list(self, prefix: str = "", *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
         await self._gate("list", prefix)
@@ -160,7 +163,7 @@ async def test_frozen_holder_is_taken_over_and_everything_it_still_writes_is_ref
     # a wakes up and tries to commit its old manifest under its old lease: refused.
     frozen_view.thawed.set()
     with pytest.raises(LeaseLost):
-        await store_a.commit(manifest_a, lease=lease_a)
+        await store_a.commit_record("obj", manifest_a, await store_a.record("obj"), lease_a, CommitAttempt())
     assert (await ObjectStore(shared, LockManager()).head("obj")).version == manifest_b.version
     await asyncio.sleep(STALE / 3 + 0.2)  # a's renewer has run: the store said no
     with pytest.raises(LeaseLost, match="taken over|expired"):

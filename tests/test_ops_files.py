@@ -58,6 +58,7 @@ REQUIRED_ALERT_EXPRS = {
     "ChunkgateLockTimeouts": "chunkgate_lock_timeouts_total",
     "ChunkgateStaleLocksCleared": "chunkgate_lock_stale_cleared_total",
     "ChunkgateUploadsFailing": "chunkgate_uploads_completed_total",
+    "ChunkgateHookEventsStuck": "chunkgate_hook_outbox_oldest_age_seconds",
 }
 INSTANCE_MARK = "__instance_filter__"
 

@@ -15,12 +15,11 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import ServeConfig
 from storage.backends.fs import FsBackend
-from tests.support.chromium import Chromium, chromium_binary
+from tests.support.chromium import Chromium, chromium_binary, serve_pages
 from tests.support.gateway import in_process_gateway
 from tests.support.media import Clip, media_clips  # noqa: F401 - fixture
 
@@ -88,21 +87,8 @@ window.play = (src, seeks) => runPlayer(src, seeks).then(
 @pytest.fixture
 async def page_origin() -> AsyncIterator[str]:
     """The player page, served from its own origin (another port than the gateway)."""
-    app = web.Application()
-
-    async def page(request: web.Request) -> web.Response:
-        return web.Response(text=PLAYER_PAGE, content_type="text/html")
-
-    app.router.add_get("/player.html", page)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serve_pages({"/player.html": PLAYER_PAGE}) as origin:
+        yield origin
 
 
 def object_responses(metrics_text: str) -> dict[str, float]:

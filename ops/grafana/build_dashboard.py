@@ -267,6 +267,19 @@ ROWS: tuple[Row, ...] = (
                  f" + sum({rate('chunkgate_uploads_completed_total')}))", "failed"),
            width=12),
     )),
+    Row("Hooks", (
+        stat("Oldest undelivered hook event", f"max({sel('chunkgate_hook_outbox_oldest_age_seconds')})", "s",
+             "Age of the oldest post-finish/post-delete event not yet acknowledged by the application's hook. "
+             "Events wait in the store and are retried; ChunkgateHookEventsStuck fires above 5 minutes.",
+             ((None, "green"), (60, "orange"), (300, "red")), height=8),
+        ts("Hook requests/s by type and outcome", "ops",
+           "Events POSTed to --hook-url: ok = 2xx, refused = 4xx (a refused pre-create is a 403 for the client), "
+           "error = no answer, timeout or 5xx.",
+           Query(f"sum by (type, outcome) ({rate('chunkgate_hook_deliveries_total')})", "{{type}} {{outcome}}"),
+           width=10),
+        ts("Undelivered hook events", "short", "post-* events known to be waiting for delivery, per gateway.",
+           Query(f"sum by (instance) ({sel('chunkgate_hook_outbox_pending')})", "{{instance}}"), width=10),
+    )),
     Row("Objects and GC", (
         ts("Commits/s", "ops", "Manifests committed, and commits that lost a conditional-write race.",
            Query(f"sum({rate('chunkgate_objects_committed_total')})", "committed"),

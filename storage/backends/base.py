@@ -3,7 +3,7 @@
 A backend stores opaque immutable-ish byte strings under '/'-separated string keys. It knows
 nothing of manifests, chunks, locks or HTTP; the object layer (``storage.objects``) builds on
 it, and cross-cutting concerns (metrics, limits, retries, fault injection) wrap it
-(``storage.backends.wrappers``). A backend must never import aiohttp or ``gateway``.
+(one module each under ``storage/backends/``, stacked by ``storage.stack``). A backend must never import aiohttp or ``gateway``.
 
 Errors are typed here, where they arise; the gateway maps them to HTTP status in one place.
 """
@@ -116,8 +116,20 @@ class Backend(Protocol):
         """Size, ETag and modification time of ``key``; raises ``NotFound``."""
         ...
 
-    async def delete(self, key: str) -> None:
-        """Remove ``key``. Idempotent: deleting an absent key is not an error."""
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Remove ``key``. Idempotent: deleting an absent key is not an error.
+
+        ``if_match=etag``: remove only if the current ETag equals ``etag``, atomically with
+        respect to puts on the same key; raises ``PreconditionFailed`` otherwise (including when
+        the key is absent). A removal that must not take a newer value with it (a manifest
+        tombstone, a lease record) is conditional; ``storage.probe`` checks the store honours it.
+        """
+        ...
+
+    def check_key(self, key: str) -> None:
+        """Raise ``InvalidKey`` if this backend cannot hold ``key`` (no I/O): asked before any
+        byte of an upload is stored, so a key the store would refuse at commit time is refused
+        up front instead of leaving an upload that can never complete."""
         ...
 
     def list(self, prefix: str = "", *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:

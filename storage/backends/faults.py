@@ -3,7 +3,7 @@
 For tests and the ``--fault-rate`` / ``--fault-kinds`` debug flags only. Each call, with
 probability ``plan.rate``, suffers one fault drawn from ``plan.kinds``:
 
-- ``error``: a ``TransientError`` (a 500 or a reset connection). For puts it is raised either
+- ``error``: a ``TransientError`` (a 500 or a reset connection). For puts and deletes it is raised either
   before the write reaches the store or *after* it succeeded — the "outcome unknown" case a
   retry of a conditional put must not get wrong.
 - ``throttle``: a ``TransientError`` with ``retry_after``, like S3's 503 SlowDown; the request
@@ -91,7 +91,7 @@ class FaultyBackend:
             raise TransientError(f"injected throttle on {op} {key} (SlowDown)", retry_after=self.plan.retry_after)
         if kind == "latency":
             await asyncio.sleep(self._rng.uniform(0.0, self.plan.max_latency))
-        if kind == "error" and (op != "put" or self._rng.random() < 0.5):
+        if kind == "error" and (op not in ("put", "delete") or self._rng.random() < 0.5):
             raise TransientError(f"injected error on {op} {key}")
         return kind
 
@@ -115,9 +115,11 @@ class FaultyBackend:
         await self._before("head", key)
         return await self.inner.head(key)
 
-    async def delete(self, key: str) -> None:
-        await self._before("delete", key)
-        await self.inner.delete(key)
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        kind = await self._before("delete", key)
+        await self.inner.delete(key, if_match=if_match)
+        if kind == "error":
+            raise TransientError(f"injected error after delete {key} was done")
 
     async def list(self, prefix: str = "", *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
         await self._before("list", prefix)

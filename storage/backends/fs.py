@@ -49,6 +49,7 @@ CONTINUED_MARK = "+"  # ends a directory holding the rest of a segment longer th
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _TEMP_PREFIX = ".tmp-"  # a leading '.' never starts an encoded name, so temp files never list
 _LIST_BATCH = 256
+_PATH_MAX = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 4096
 _MAKE_DIR_ATTEMPTS = 10
 
 P = ParamSpec("P")
@@ -70,13 +71,13 @@ def _decode_piece(name: str) -> bytes | None:
 
 
 def _check_key(key: str) -> str:
+    # Every key API.md allows is held: backslashes, '..' inside a segment and any non-control
+    # UTF-8 are percent-encoded into safe file names (``_encode_piece``), so a key that works on
+    # S3 works on the embedded default store too.
     try:
         validate_key(key)
     except BadKey as exc:
         raise InvalidKey(f"{key!r}: {exc}") from None
-    if "\\" in key:
-        # Harmless on POSIX once encoded, but refused so no platform can read it as a separator.
-        raise InvalidKey(f"{key!r}: the fs store does not accept backslashes in keys")
     return key
 
 
@@ -193,7 +194,13 @@ class FsBackend:
         # Defence in depth: the encoding cannot produce '..' or '/', but check anyway.
         if os.path.normpath(path) != path or not path.startswith(self.root + os.sep):
             raise InvalidKey(f"{key!r} would leave the store root")
+        # The temp file beside it has a longer name than the key's own file: count that one.
+        if len(path.encode("utf-8")) + len(_TEMP_PREFIX) + 16 >= _PATH_MAX:
+            raise InvalidKey(f"{key!r}: its path under {self.root} is too long for this filesystem")
         return path
+
+    def check_key(self, key: str) -> None:
+        self.path_of(key)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         if self._closed:
@@ -289,15 +296,20 @@ class FsBackend:
         return await self._run(self._put_sync, key, bytes(data), if_none_match, if_match)
 
     @_os_errors
-    def _delete_sync(self, key: str) -> None:
+    def _delete_sync(self, key: str, if_match: str | None) -> None:
         path = self.path_of(key)
         dirpath = os.path.dirname(path)
         try:
             # Under the directory lock so an if-match put cannot resurrect a key deleted
-            # between its compare and its rename.
+            # between its compare and its rename, and a conditional delete compares and
+            # unlinks as one step against every other writer of the directory.
             with _dir_lock(dirpath):
+                if if_match is not None and _etag(os.stat(path)) != if_match:
+                    raise PreconditionFailed(f"{key!r} does not have ETag {if_match!r}")
                 os.unlink(path)
         except FileNotFoundError:
+            if if_match is not None:
+                raise PreconditionFailed(f"{key!r} does not exist") from None
             return
         try:
             _fsync_dir(dirpath)
@@ -311,8 +323,8 @@ class FsBackend:
                 break
             dirpath = os.path.dirname(dirpath)
 
-    async def delete(self, key: str) -> None:
-        await self._run(self._delete_sync, key)
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        await self._run(self._delete_sync, key, if_match)
 
     # -- reads ----------------------------------------------------------------------------
 

@@ -97,9 +97,9 @@ class LimitedBackend:
         async with self._admitted():
             return await self.inner.head(key)
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
         async with self._admitted():
-            await self.inner.delete(key)
+            await self.inner.delete(key, if_match=if_match)
 
     async def list(self, prefix: str = "", *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
         # Admitted once, for the request that starts the walk: holding a slot across yields would

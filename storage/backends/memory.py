@@ -39,18 +39,23 @@ class _Entry:
 class MemoryBackend:
     """Dict-backed ``Backend``. ETags are fresh random ids, so they change on every put."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_key_bytes: int | None = None) -> None:
+        # max_key_bytes: behave like an S3 bucket whose prefix leaves fewer bytes for keys.
         self.name = "memory"
         self._entries: dict[str, _Entry] = {}
         self._closed = False
+        self._max_key_bytes = max_key_bytes
 
     def _key(self, key: str) -> str:
         if self._closed:
             raise PermanentError("the memory backend is closed")
         try:
-            return validate_key(key)
+            validate_key(key)
         except BadKey as exc:
             raise InvalidKey(f"{key!r}: {exc}") from None
+        if self._max_key_bytes is not None and len(key.encode("utf-8")) > self._max_key_bytes:
+            raise InvalidKey(f"{key!r}: longer than the {self._max_key_bytes} bytes this store holds")
+        return key
 
     async def put(
         self,
@@ -88,9 +93,16 @@ class MemoryBackend:
             raise NotFound(key)
         return ObjectInfo(key, len(entry.data), entry.etag, entry.last_modified)
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
         self._key(key)
+        if if_match is not None:
+            current = self._entries.get(key)
+            if current is None or current.etag != if_match:
+                raise PreconditionFailed(f"{key!r} does not have ETag {if_match!r}")
         self._entries.pop(key, None)
+
+    def check_key(self, key: str) -> None:
+        self._key(key)
 
     async def list(
         self, prefix: str = "", *, start_after: str | None = None

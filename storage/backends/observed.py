@@ -67,8 +67,8 @@ class ObservedBackend:
     async def head(self, key: str) -> ObjectInfo:
         return await self._timed("head", self.inner.head(key))
 
-    async def delete(self, key: str) -> None:
-        await self._timed("delete", self.inner.delete(key))
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        await self._timed("delete", self.inner.delete(key, if_match=if_match))
 
     async def list(self, prefix: str = "", *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
         t0 = time.perf_counter()

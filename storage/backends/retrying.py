@@ -97,8 +97,29 @@ class RetryingBackend:
     async def head(self, key: str) -> ObjectInfo:
         return await self._call(f"head {key}", lambda: self.inner.head(key))
 
-    async def delete(self, key: str) -> None:
-        await self._call(f"delete {key}", lambda: self.inner.delete(key))
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        if if_match is None:
+            await self._call(f"delete {key}", lambda: self.inner.delete(key))
+            return
+        attempt = 0
+        while True:
+            try:
+                await self.inner.delete(key, if_match=if_match)
+                return
+            except TransientError as exc:
+                # As for a conditional put: find out whether it happened before trying again.
+                try:
+                    current = await self._call(f"head {key}", lambda: self.inner.head(key))
+                except NotFound:
+                    self.stats.unknown_outcomes_resolved += 1
+                    return  # gone: ours (or an equivalent removal) took effect
+                except TransientError:
+                    self.stats.gave_up += 1
+                    raise exc from None
+                if current.etag != if_match:
+                    raise PreconditionFailed(f"{key!r} changed while a conditional delete of it failed") from None
+                await self._backoff(attempt, exc, f"conditional delete {key}")
+                attempt += 1
 
     async def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
         if not if_none_match and if_match is None:

@@ -216,6 +216,8 @@ class S3Backend:
             )
         self._page_size = list_page_size
         self._closed = False
+        # Set by storage.probe: SeaweedFS stores 'a\\b' as 'a/b', which would give two keys one value.
+        self.refuse_backslashes = False
 
     def _credentials_now(self) -> dict[str, Any]:
         """obstore asks for credentials when it needs them; botocore's refresh them (roles)."""
@@ -236,6 +238,8 @@ class S3Backend:
             validate_key(key)
         except BadKey as exc:
             raise InvalidKey(f"{key!r}: {exc}") from None
+        if self.refuse_backslashes and "\\" in key:
+            raise InvalidKey(f"{key!r}: this store turns backslashes into '/', so the key cannot be held as itself")
         full = self.prefix + key
         size = len(full.encode("utf-8"))
         if size > MAX_KEY_BYTES:
@@ -389,19 +393,29 @@ class S3Backend:
             response["LastModified"].astimezone(timezone.utc),
         )
 
-    async def delete(self, key: str) -> None:
-        # S3 DELETE is already idempotent: an absent key answers 204.
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        # S3 DELETE is already idempotent: an absent key answers 204. If-Match on DeleteObject is
+        # honoured by AWS, SeaweedFS 4.48 and moto 5 (storage.probe checks it at startup).
         store_key = self._store_key(key)
-        fast = self._fast_for(store_key)
+        fast = self._fast_for(store_key) if if_match is None else None  # object_store has no conditional delete
         if fast is not None:
             try:
                 await _fast_call(f"delete {key!r}", fast.delete_async(store_key))
                 return
             except _Throttled:
                 pass
-        await self._call(
-            f"delete {key!r}", self._client.delete_object, Bucket=self.bucket, Key=self._store_key(key)
-        )
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": store_key}
+        if if_match is not None:
+            args["IfMatch"] = if_match
+        try:
+            await self._call(f"delete {key!r}", self._client.delete_object, **args)
+        except NotFound as exc:
+            if if_match is None:
+                return
+            raise PreconditionFailed(str(exc)) from exc
+
+    def check_key(self, key: str) -> None:
+        self._store_key(key)
 
     async def list(
         self, prefix: str = "", *, start_after: str | None = None

@@ -7,21 +7,26 @@ port and binding it. The page target comes from ``/json/list``; commands go over
 websocket client. Only what the tests need: ``navigate``, ``evaluate``, and ``wait_for`` (polling
 ``Runtime.evaluate`` until an expression is truthy, since media events fire on the page's clock).
 
+``serve_pages`` serves fixed pages from a little server of their own (another port, so another
+origin than the gateway's), as a site embedding media from the gateway would.
+
 Never: leave the browser running (``close`` terminates it and waits), or reuse a profile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import aiohttp
+from aiohttp import web
 
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -117,6 +122,19 @@ class Chromium:
         if result.get("errorText"):
             raise CDPError(f"navigating to {url}: {result['errorText']}")
 
+    async def reload(self) -> None:
+        """What the user's reload button does: the page starts over; its origin's storage stays."""
+        await self.send("Page.reload", {"ignoreCache": False})
+
+    async def set_input_files(self, selector: str, paths: list[str]) -> None:
+        """Choose ``paths`` in the ``<input type=file>`` that ``selector`` names, as the file
+        dialog would: the page sees real ``File`` objects and a ``change`` event."""
+        found = await self.send("Runtime.evaluate", {"expression": f"document.querySelector({json.dumps(selector)})"})
+        object_id = found.get("result", {}).get("objectId")
+        if not object_id:
+            raise CDPError(f"no element matches {selector!r}")
+        await self.send("DOM.setFileInputFiles", {"files": [str(p) for p in paths], "objectId": object_id})
+
     async def evaluate(self, expression: str) -> Any:
         """The JSON value of ``expression`` in the page (promises are awaited)."""
         result = await self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
@@ -156,3 +174,23 @@ class Chromium:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+@contextlib.asynccontextmanager
+async def serve_pages(pages: dict[str, str]) -> AsyncIterator[str]:
+    """Serve ``pages`` (path -> HTML) on a free loopback port; yields the origin's base URL."""
+    app = web.Application()
+    for path, html in pages.items():
+        async def page(request: web.Request, html: str = html) -> web.Response:
+            return web.Response(text=html, content_type="text/html")
+
+        app.router.add_get(path, page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
