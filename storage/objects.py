@@ -28,6 +28,7 @@ from storage import hashing, intents, keys, readplan
 from storage.backends.base import Backend, Blob, NotFound, PermanentError, PreconditionFailed, TransientError
 from storage.buffers import ChunkBuffers
 from storage.cache import ChunkCache
+from storage.listing import UNKNOWN, ListingCache, Listed
 from storage.errors import (
     BodyTooLarge,
     ChecksumMismatch,
@@ -118,6 +119,7 @@ class ObjectStore:
         self._pending_gc: set[asyncio.Task[None]] = set()
         self._repairs: dict[str, asyncio.Task[None]] = {}
         self.buffers = ChunkBuffers(self.options.chunk_size, keep=self.options.write_concurrency + 1)
+        self.listing = ListingCache()
         # Called with the key after each commit of this process lands (hooks deliver promptly).
         self.on_committed: Callable[[str], None] | None = None
 
@@ -151,6 +153,8 @@ class ObjectStore:
     async def _read_and_cache(self, key: str) -> Current:
         writes = self._manifest_writes
         current = await self.manifests.read(key)
+        if current is not None:  # what a listing shows of it, until the record's ETag changes
+            self.listing.remember(key, current.etag, Listed.of(current.manifest) if current.manifest is not None else None)
         if current is None or current.manifest is None:
             raise ObjectNotFound(f"no object at key {key!r}")
         # A commit, delete or repair that landed while this read was in flight may have made it
@@ -596,27 +600,32 @@ class ObjectStore:
             return changes
 
     # ------------------------------------------------------------------ listing
-    async def list(self, prefix: str = "", *, after: str | None = None, limit: int = 1000) -> tuple[list[Manifest], str | None]:
+    async def list(self, prefix: str = "", *, after: str | None = None, limit: int = 1000) -> tuple[list[Listed], str | None]:
         """Up to ``limit`` objects whose key starts with ``prefix``, in key order, after
-        ``after``; and the key to continue after (None when there is no more)."""
-        found: list[str] = []
+        ``after``; and the key to continue after (None when there is no more). A record whose
+        ETag in the store's listing is the one its summary was remembered under costs no read
+        (storage.listing): a repeated page is one list request."""
+        found: list[tuple[str, str]] = []
         more = False
-        async for name in self.manifests.scan(prefix, start_after=after):
+        async for name, record_etag in self.manifests.scan_records(prefix, start_after=after):
             if len(found) == limit:
                 more = True
                 break
-            found.append(name)
+            found.append((name, record_etag))
         sem = asyncio.Semaphore(16)
 
-        async def one(k: str) -> Manifest | None:
+        async def one(k: str, record_etag: str) -> Listed | None:
+            known = self.listing.lookup(k, record_etag)
+            if known is not UNKNOWN:
+                return known  # type: ignore[return-value]
             async with sem:
                 try:
-                    return (await self._current(k)).manifest
+                    return Listed.of((await self._current(k)).manifest)  # type: ignore[arg-type]
                 except (ObjectNotFound, CorruptManifest):
                     return None
 
-        manifests = [m for m in await asyncio.gather(*(one(k) for k in found)) if m is not None]
-        return manifests, (found[-1] if more and found else None)
+        listed = [m for m in await asyncio.gather(*(one(k, e) for k, e in found)) if m is not None]
+        return listed, (found[-1][0] if more and found else None)
 
     async def close(self) -> None:
         for task in list(self._pending_gc) + list(self._repairs.values()):
