@@ -56,6 +56,8 @@ _SIZED: list[tuple[str, str, Any, Any]] = [
     ("--pressure-readers", "pressure_readers", int, 6),
     ("--pressure-size", "pressure_size", parse_size, 8 * MiB),
     ("--list-keys", "list_keys", int, 30),
+    ("--abandoned-gets", "abandoned_gets", int, 2),
+    ("--multirange-repeats", "multirange_repeats", int, 4),
     ("--chunk-size", "chunk_size", parse_size, None),
     ("--write-concurrency", "write_concurrency", int, None),
     ("--cache-size", "cache_size", parse_size, None),
