@@ -14,15 +14,16 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import objects, security, tus
-from gateway.auth import auth_middleware
+from gateway import objects, security, tus, webui
+from gateway.auth import TOKEN_PATH, admin_sign, auth_middleware, redact_path
 from gateway.config import ConfigError, ServeConfig
 from gateway.errors import error_middleware, json_error
-from gateway.hooks import HookClient
+from gateway.hooks import HookClient, delivered
 from gateway.metrics import Metrics, metrics_handler
 from storage.backends.base import Backend
 from storage.leases import StoreLockManager
 from storage.objects import ObjectStore, StoreOptions
+from storage.outbox import Outbox, OutboxOptions
 from storage.probe import StoreCapabilities, apply, probe
 from storage.stack import StackOptions, build_store, innermost
 from storage.tolerance import SizeTolerance
@@ -62,6 +63,14 @@ def store_options(cfg: ServeConfig) -> StoreOptions:
         lock_timeout=cfg.lock_timeout,
         intent_seconds=max(cfg.upload_expiry, 3600.0),
     )
+
+
+def outbox_options(cfg: ServeConfig) -> OutboxOptions:
+    # A pointer older than one scan interval is not its committing gateway's any more (that one
+    # delivered at once, or is backing off): any gateway's pass takes it, so a dead one's events
+    # are delivered within about two intervals plus --lock-stale-after.
+    return OutboxOptions(interval=cfg.hook_scan_interval, takeover_after=cfg.hook_scan_interval,
+                         retry_cap=cfg.hook_retry_max, retry_base=min(0.5, cfg.hook_retry_max))
 
 
 def stack_options(cfg: ServeConfig) -> StackOptions:
@@ -108,19 +117,28 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     app["store"] = store
     app["started"] = time.time()
     app["traffic"] = Traffic()
+    outbox: Outbox | None = None
     if cfg.hook_url:
-        app["hooks"] = HookClient(cfg.hook_url, timeout=cfg.hook_timeout)
-    metrics.attach_hooks(app.get("hooks"))  # at 0 without hooks: the dashboard's panels still have series
+        hooks = app["hooks"] = HookClient(cfg.hook_url, timeout=cfg.hook_timeout)
+        # post-* events: recorded by each commit in the key's record, delivered from there.
+        outbox = app["outbox"] = Outbox(store.backend, store.manifests, store.locks, functools.partial(delivered, hooks),
+                                        options=outbox_options(cfg), owner=f"outbox {getattr(store.locks, 'gateway', '')}".strip())
+        store.on_committed = outbox.kick
+    metrics.attach_hooks(app.get("hooks"), outbox)  # at 0 without hooks: the dashboard's panels still have series
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/admin/locks", admin_locks)
+    app.router.add_post("/admin/sign", admin_sign)
+    webui.setup(app)
     app.router.add_get("/objects", objects.list_objects)
     app.router.add_get("/objects/", objects.list_objects)
     tus.setup(app)
+    app["uploads"].announce = outbox is not None  # a tus upload's commit carries post-finish
     # [\s\S] (not .) so that keys with a percent-encoded newline reach the handler and get a 400.
     app.router.add_route("*", r"/objects/{key:[\s\S]+}", objects.object_dispatch)
+    app.router.add_route("*", r"/t/{token}/objects/{key:[\s\S]+}", objects.signed_object_dispatch)
     app.router.add_route("*", r"/{path:[\s\S]*}", fallback)
 
     async def on_startup(app: web.Application) -> None:
@@ -141,6 +159,8 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
             # serve deletes the versions it replaces itself: periodic gc only sweeps crash leftovers.
             gc_grace = max(cfg.grace, MIN_PERIODIC_GC_GRACE)
             app["background"].append(asyncio.ensure_future(run_periodically(store, cfg.gc_interval, gc_grace, count)))
+        if outbox is not None:
+            await outbox.start()
 
     async def on_cleanup(app: web.Application) -> None:
         for task in app.get("background", []):
@@ -149,6 +169,8 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
         uploads = app.get("uploads")
         if uploads is not None and hasattr(uploads, "close"):
             await uploads.close()
+        if outbox is not None:  # an event cut off mid-delivery stays recorded: delivered after a restart
+            await outbox.close()
         if "hooks" in app:
             await app["hooks"].close()
         await store.close()
@@ -158,7 +180,8 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
         await store.backend.close()
 
     app.on_response_prepare.append(decorate_response)
-    app.on_startup.append(on_startup)
+    # First: the store's check and probe come before anything that uses the store (the tus sweeper).
+    app.on_startup.insert(0, on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
 
@@ -256,6 +279,8 @@ async def fallback(request: web.Request) -> web.StreamResponse:
     # URL normalization (a '..' segment) can route /objects/... requests here: still a bad key.
     if request.raw_path.startswith("/objects/"):
         return await objects.object_dispatch(request)
+    if request.raw_path.startswith(TOKEN_PATH):
+        return await objects.signed_object_dispatch(request)
     return json_error(404, "not_found", f"no route for {request.method} {request.path}")
 
 
@@ -312,7 +337,7 @@ def observe_middleware(metrics: Metrics) -> Any:
             metrics.http_in_flight.dec()
             metrics.request_done(request, status, seconds)
             sent = request.get("chunkgate.bytes_sent", 0)
-            fields = {"request_id": rid, "method": request.method, "path": request.path, "status": status,
+            fields = {"request_id": rid, "method": request.method, "path": redact_path(request.path), "status": status,
                       "bytes_sent": sent, "duration_s": round(seconds, 6), "remote": request.remote}
             line, args = "%s %s %s %d %d %.4f", [request.remote, request.method, _loggable_target(request), status, sent, seconds]
             offset = request.get("chunkgate.upload_offset")
@@ -326,13 +351,14 @@ def observe_middleware(metrics: Metrics) -> Any:
 
 
 def _loggable_target(request: web.Request) -> str:
-    """Path and query for the access log, with a signed URL's signature blanked: until it
-    expires, a logged signature is a credential anyone who reads the logs could replay."""
+    """Path and query for the access log, with a signed URL's signature and a path's prefix
+    token blanked: until it expires, a logged credential is one anyone who reads the logs could
+    replay."""
     if len(request.path_qs) >= 2048:
-        return request.path
+        return redact_path(request.path)
     if "signature" not in request.query:
-        return request.path_qs
-    return str(request.rel_url.update_query(signature="REDACTED"))
+        return redact_path(request.path_qs)
+    return redact_path(str(request.rel_url.update_query(signature="REDACTED")))
 
 
 def upload_cap_middleware(limit: int) -> Any:

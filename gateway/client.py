@@ -1,6 +1,7 @@
 """``chunkgate put`` and ``chunkgate get``: the command-line client of a gateway.
 
-``put`` uploads through tus (tuspy), resumes an interrupted upload of the same file by itself
+``put`` uploads a file (or, given a directory, every file under it: an HLS or DASH ladder) through
+tus (tuspy), resumes an interrupted upload of the same file by itself
 (the upload URL is remembered under a fingerprint of path, size, mtime, gateway and key in a
 small JSON file), and verifies the committed object against the local file chunk by chunk
 (SHA-256) before it reports success. ``get`` streams an object into a temp file and renames it
@@ -21,9 +22,11 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import quote
 
 from gateway.cli import fail
@@ -181,8 +184,12 @@ def verify_against_manifest(path: Path, manifest: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------ put
 def put(path: Path, key: str, base: str, headers: dict[str, str], patch_size: int,
-        state: ResumeState | None = None) -> dict[str, Any]:
-    """Upload (or resume uploading) ``path`` to ``key``; return the verified manifest."""
+        state: ResumeState | None = None, progress: Callable[[int], None] | None = None,
+        content_type: str | None = None) -> dict[str, Any]:
+    """Upload (or resume uploading) ``path`` to ``key``; return the verified manifest.
+
+    ``progress`` is told every number of bytes sent (else a bar of its own is shown);
+    ``content_type`` goes into the upload's metadata (else the gateway takes the key's)."""
     import requests
     from tusclient import client as tus_client
     from tusclient.exceptions import TusCommunicationError
@@ -191,7 +198,8 @@ def put(path: Path, key: str, base: str, headers: dict[str, str], patch_size: in
     size = path.stat().st_size
     fp = fingerprint(path, base, key)
     tus = tus_client.TusClient(base + "/uploads/", headers=headers)
-    kwargs = dict(chunk_size=patch_size, metadata={"key": key}, retries=3, retry_delay=1)
+    metadata = {"key": key, **({"content-type": content_type} if content_type else {})}
+    kwargs = dict(chunk_size=patch_size, metadata=metadata, retries=3, retry_delay=1)
     uploader = None
     known = state.get(fp)
     try:
@@ -207,11 +215,15 @@ def put(path: Path, key: str, base: str, headers: dict[str, str], patch_size: in
             uploader.set_url(uploader.create_url())
             uploader.offset = 0
             state.put(fp, uploader.url, key)
-        with _progress(size, uploader.offset, key) as bar:
+        with contextlib.ExitStack() as stack:
+            if progress is None:
+                progress = stack.enter_context(_progress(size, uploader.offset, key)).update
+            else:
+                progress(uploader.offset)  # a resumed upload: what is already in counts as done
             while uploader.offset < size:
                 before = uploader.offset
                 uploader.upload_chunk()
-                bar.update(uploader.offset - before)
+                progress(uploader.offset - before)
     except TusCommunicationError as exc:
         detail = exc.response_content.decode("utf-8", "replace") if isinstance(exc.response_content, bytes) else ""
         try:
@@ -219,48 +231,217 @@ def put(path: Path, key: str, base: str, headers: dict[str, str], patch_size: in
         except ValueError:
             pass
         where = f"HTTP {exc.status_code}" if exc.status_code else "no answer"
-        raise ClientError(f"upload failed ({where}): {detail or exc}; run the same command again to resume") from None
+        # A refusal (too large, forbidden, bad metadata) will be refused again: no resume hint.
+        retryable = not exc.status_code or exc.status_code >= 500 or exc.status_code in (408, 409, 423, 429)
+        hint = "; run the same command again to resume" if retryable else ""
+        raise ClientError(f"upload failed ({where}): {detail or exc}{hint}") from None
     except requests.RequestException as exc:
         raise ClientError(f"cannot reach {base}: {exc.__class__.__name__}; run the same command again to resume") from None
     state.forget(fp)
-    try:
-        resp = requests.get(object_url(base, key) + "?manifest", headers=headers, timeout=60)
-    except requests.RequestException as exc:
-        raise ClientError(f"uploaded, but cannot fetch the manifest to verify it: {exc.__class__.__name__}") from None
-    if resp.status_code != 200:
-        raise ClientError(f"uploaded, but the object cannot be verified: {_server_message(resp)}")
-    manifest = resp.json()
+    manifest = fetch_manifest(base, key, headers, "uploaded, but ")
+    if manifest is None:
+        raise ClientError("uploaded, but the object cannot be verified: HTTP 404: it is not there")
     verify_against_manifest(path, manifest)
     return manifest
 
 
+def fetch_manifest(base: str, key: str, headers: dict[str, str], context: str = "") -> dict[str, Any] | None:
+    """The object's manifest, or None when there is no such object."""
+    import requests
+
+    try:
+        resp = requests.get(object_url(base, key) + "?manifest", headers=headers, timeout=60)
+    except requests.RequestException as exc:
+        raise ClientError(f"{context}cannot fetch the manifest to verify it: {exc.__class__.__name__}") from None
+    if resp.status_code == 404:
+        return None
+    if resp.status_code != 200:
+        raise ClientError(f"{context}the object cannot be verified: {_server_message(resp)}")
+    return dict(resp.json())
+
+
+# ------------------------------------------------------------------------------ put DIR PREFIX
+@dataclass
+class TreeReport:
+    """What ``put_tree`` did: keys stored now, keys already stored (verified, not sent again),
+    files that failed (their path relative to the tree and one line why), bytes in the tree."""
+
+    stored: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    total_bytes: int = 0
+    done_bytes: int = 0
+
+
+def tree_files(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(every regular file under ``root`` with its ``/``-separated path relative to it, sorted;
+    the relative paths of entries that are not regular files and are skipped). Symlinks are not
+    followed: a link to a file outside the tree must not upload it."""
+    files: list[tuple[Path, str]] = []
+    skipped: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        for name in dirnames:
+            if (here / name).is_symlink():
+                skipped.append((here / name).relative_to(root).as_posix())
+        for name in filenames:
+            path = here / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_file() and not path.is_symlink():
+                files.append((path, rel))
+            else:
+                skipped.append(rel)
+    return sorted(files, key=lambda f: f[1]), sorted(skipped)
+
+
+def upload_order(files: list[tuple[Path, str]]) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """(segments and everything else, then playlists and manifests): a player that fetches a new
+    playlist must find the segments it names already there."""
+    from gateway.caching import media_kind
+    from gateway.mediatypes import guess_content_type
+
+    last = [f for f in files if media_kind(guess_content_type(f[1])) == "playlist"]
+    return [f for f in files if f not in last], last
+
+
+def put_tree(root: Path, prefix: str, base: str, headers: dict[str, str], patch_size: int, *, jobs: int = 4,
+             state: ResumeState | None = None) -> TreeReport:
+    """Upload every regular file under ``root`` to ``prefix`` + its relative path, ``jobs`` at a
+    time, with one progress bar. A file already stored with the same bytes (its manifest checks
+    out chunk by chunk) is not sent again, and an interrupted one resumes, so rerunning resumes the
+    tree. One file's failure doesn't stop the others."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.mediatypes import guess_content_type
+
+    state = state or ResumeState()
+    files, skipped = tree_files(root)
+    report = TreeReport(skipped=skipped, total_bytes=sum(p.stat().st_size for p, _ in files))
+    lock = threading.Lock()
+
+    with _progress(report.total_bytes, 0, prefix or str(root)) as bar:
+        def advance(n: int) -> None:
+            with lock:
+                bar.update(n)
+
+        def one(path: Path, rel: str) -> None:
+            key = prefix + rel
+            try:
+                validate_key(key)
+                size = path.stat().st_size
+                if state.get(fingerprint(path, base, key)) is None:  # nothing to resume: maybe done already
+                    manifest = fetch_manifest(base, key, headers)
+                    if manifest is not None:
+                        with contextlib.suppress(ClientError):
+                            verify_against_manifest(path, manifest)
+                            advance(size)
+                            with lock:
+                                report.unchanged.append(key)
+                                report.done_bytes += size
+                            return
+                put(path, key, base, headers, patch_size, state, progress=advance,
+                    content_type=guess_content_type(key))
+                with lock:
+                    report.stored.append(key)
+                    report.done_bytes += size
+            except BadKey as exc:
+                message = f"cannot be a key: {exc}"
+            except ClientError as exc:
+                message = str(exc)
+            except OSError as exc:
+                message = f"cannot read it: {exc.strerror or exc}"
+            else:
+                return
+            with lock:
+                report.failed.append((rel, message))
+
+        segments, playlists = upload_order(files)
+        for batch in (segments, playlists):
+            with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+                for future in [pool.submit(one, path, rel) for path, rel in batch]:
+                    future.result()
+    report.failed.sort()
+    return report
+
+
 def cmd_put(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="chunkgate put", description="Upload a file (resumable, tus) and verify it.")
-    parser.add_argument("file")
-    parser.add_argument("key")
+    parser = argparse.ArgumentParser(
+        prog="chunkgate put", description="Upload a file to KEY, or every file under a directory to PREFIX + its "
+                                          "path relative to it (resumable, tus), and verify what is stored.")
+    parser.add_argument("file", metavar="FILE|DIR")
+    parser.add_argument("key", metavar="KEY|PREFIX")
     _common(parser)
     parser.add_argument("--chunk-size", default=None, help="bytes per PATCH request (8MiB, 5MB, bytes) [default 8MiB]")
+    parser.add_argument("--jobs", type=int, default=4, help="files of a directory uploaded at once [default 4]")
     args = parser.parse_args(list(argv))
+    path = Path(args.file)
+    if path.is_dir():
+        return _put_dir(path, args)
     try:
         validate_key(args.key)
     except BadKey as exc:
         return fail(f"KEY: {exc}")
-    try:
-        patch_size = parse_size(args.chunk_size) if args.chunk_size else DEFAULT_PATCH_SIZE
-    except ValueError as exc:
-        return fail(f"--chunk-size: {exc}")
-    if patch_size <= 0:
-        return fail("--chunk-size: must be positive")
-    path = Path(args.file)
+    patch_size = _patch_size(args)
+    if isinstance(patch_size, str):
+        return fail(patch_size)
     if not path.is_file():
         return fail(f"FILE: {args.file} is not a readable file", 1)
+    from gateway.mediatypes import guess_content_type
+
     try:
-        manifest = put(path, args.key, _url(args), _auth(args), patch_size)
+        manifest = put(path, args.key, _url(args), _auth(args), patch_size, content_type=guess_content_type(args.key))
     except ClientError as exc:
         return fail(str(exc), 1)
     except OSError as exc:
         return fail(f"FILE: cannot read {args.file}: {exc.strerror or exc}", 1)
     print(f"{args.key}: {manifest['size']} bytes, {len(manifest.get('chunks') or [])} chunks, etag {manifest['etag']} (verified)")
+    return 0
+
+
+def _patch_size(args: argparse.Namespace) -> int | str:
+    """The PATCH size, or the one-line complaint."""
+    try:
+        patch_size = parse_size(args.chunk_size) if args.chunk_size else DEFAULT_PATCH_SIZE
+    except ValueError as exc:
+        return f"--chunk-size: {exc}"
+    return patch_size if patch_size > 0 else "--chunk-size: must be positive"
+
+
+def _shown(rel: str) -> str:
+    """A path fit for one line on a terminal: control characters and undecodable bytes
+    escaped (a file name must not move the cursor or break the line)."""
+    return rel if rel.isprintable() else ascii(rel)
+
+
+def _put_dir(root: Path, args: argparse.Namespace) -> int:
+    prefix = args.key
+    try:
+        validate_key(prefix + "x")  # what every key under it starts with must be allowed
+    except BadKey as exc:
+        return fail(f"PREFIX: {exc}")
+    patch_size = _patch_size(args)
+    if isinstance(patch_size, str):
+        return fail(patch_size)
+    if args.jobs < 1:
+        return fail("--jobs: must be at least 1")
+    try:
+        report = put_tree(root, prefix, _url(args), _auth(args), patch_size, jobs=args.jobs)
+    except OSError as exc:
+        return fail(f"DIR: cannot read {root}: {exc.strerror or exc}", 1)
+    for rel in report.skipped:
+        print(f"chunkgate: {_shown(rel)}: skipped: not a regular file", file=sys.stderr)
+    for rel, message in report.failed:
+        print(f"chunkgate: {_shown(rel)}: {message}", file=sys.stderr)
+    done = len(report.stored) + len(report.unchanged)
+    if not done and not report.failed:
+        return fail(f"DIR: no regular files under {root}", 1)
+    print(f"{prefix}: {done} files, {report.done_bytes} bytes stored and verified "
+          f"({len(report.stored)} uploaded, {len(report.unchanged)} already there)")
+    if report.failed:
+        print(f"chunkgate: {len(report.failed)} of {done + len(report.failed)} files failed; "
+              "run the same command again to resume", file=sys.stderr)
+        return 1
     return 0
 
 

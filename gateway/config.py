@@ -113,6 +113,8 @@ class ServeConfig:
     min_upload_rate: int = 1024  # bytes/s a request body must average after --body-timeout seconds
     hook_url: str | None = None  # pre-create / post-finish / post-delete events go here (gateway.hooks)
     hook_timeout: float = 10.0
+    hook_retry_max: float = 60.0  # post-* deliveries back off exponentially up to this (storage.outbox)
+    hook_scan_interval: float = 5.0  # how often the outbox is listed (finished pointers, dead gateways' events)
     fault_rate: float = 0.0  # debugging only: inject store faults at this rate
     fault_kinds: str = "all"
     active_content: str = "sandbox"  # how uploads that are not media are served (gateway.security)
@@ -156,6 +158,10 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "how uploads that are not media are served: sandbox (default), attachment, or inline (only on a host of its own)"),
     ("--hook-url", "hook_url", str, "POST pre-create, post-finish and post-delete events (JSON) to this http(s) URL"),
     ("--hook-timeout", "hook_timeout", parse_duration, "how long one hook request may take"),
+    ("--hook-retry-max", "hook_retry_max", parse_duration,
+     "a failed post-* delivery is retried with exponential backoff up to this long between attempts"),
+    ("--hook-scan-interval", "hook_scan_interval", parse_duration,
+     "how often the store's undelivered post-* events are listed; an event this old is taken over from its gateway"),
     ("--fault-rate", "fault_rate", parse_ratio, "DEBUG: inject store faults into this share of store calls"),
     ("--fault-kinds", "fault_kinds", str, "DEBUG: comma-separated error, throttle, latency, truncate, or all"),
 ]
@@ -240,6 +246,10 @@ def validate(cfg: ServeConfig) -> None:
             raise ConfigError(f"--hook-url: {cfg.hook_url!r} is not an http:// or https:// URL")
     if cfg.hook_timeout <= 0:
         raise ConfigError("--hook-timeout: must be positive")
+    if cfg.hook_retry_max <= 0:
+        raise ConfigError("--hook-retry-max: must be positive")
+    if cfg.hook_scan_interval <= 0:
+        raise ConfigError("--hook-scan-interval: must be positive")
     if not is_loopback(cfg.host) and not cfg.auth_token and not cfg.allow_anonymous_writes:
         raise ConfigError(
             f"--host: {cfg.host} is not a loopback address; set --auth-token (or --allow-anonymous-writes) to serve on it"

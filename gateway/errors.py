@@ -86,6 +86,8 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except Exception as exc:
         response = to_response(exc)
         if response is None:
-            log.exception("unexpected error handling %s %s", request.method, request.path)
+            from gateway.auth import redact_path  # here: gateway.auth imports this module
+
+            log.exception("unexpected error handling %s %s", request.method, redact_path(request.path))
             return json_error(500, "internal", "the gateway failed unexpectedly; the error is logged")
         return response

@@ -3,12 +3,13 @@
 Two uses of one HTTP client. ``pre-create`` is asked synchronously, before a PUT body is read or
 a tus upload is created, and decides: 2xx allows, 4xx refuses (403 ``rejected_by_hook`` with the
 hook's body cut to 1 KiB), anything else fails closed (503). ``post-finish`` and ``post-delete``
-are recorded in the store with their commit and delivered by ``storage.outbox``, which calls
-``HookClient.deliver`` for one attempt at a time and retries each key on its own backoff schedule
-(``storage.outbox.backoff_delay``: the outbox owns the clock, and must not hold a key's delivery
-lease while it waits).
+are built by the object layer (``storage.objects.ObjectStore.announcement``) and written into the
+key's record by the commit itself; handlers only ask for them (``post_finish``/``post_delete``,
+when hooks are on). ``storage.outbox`` delivers them, calling ``HookClient.deliver`` for one
+attempt at a time and retrying each key on its own backoff schedule (``storage.outbox.backoff_delay``:
+the outbox owns the clock, and must not hold a key's delivery lease while it waits).
 
-Event building and the refusal message are pure functions (table-tested); I/O is ``HookClient``.
+The pre-create event and the refusal message are pure functions (table-tested); I/O is ``HookClient``.
 
 Must never: let an upload go ahead when pre-create did not answer 2xx; follow a redirect (a
 hook that moved is a misconfiguration, not a yes); wait on the app without a timeout; raise from
@@ -20,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import uuid
+from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, Mapping
 
@@ -27,7 +30,6 @@ import aiohttp
 from aiohttp import web
 
 from gateway.errors import HTTPError
-from storage.outbox import new_event_id, rfc3339
 
 log = logging.getLogger("chunkgate.hooks")
 
@@ -59,6 +61,16 @@ class Outcome(str, Enum):
 
 
 # ------------------------------------------------------------------------------ pure parts
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+def rfc3339(when: datetime | None = None) -> str:
+    """``2026-11-22T10:00:00.123Z``: UTC, milliseconds (a pre-create event's ``time``)."""
+    when = when or datetime.now(timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The request headers that identify the caller to the app: ``Authorization`` and ``X-*``.
     Repeated headers are joined with ", " (RFC 9110 list syntax); names keep their case."""
@@ -168,7 +180,29 @@ class HookClient:
         return outcome
 
 
-# ------------------------------------------------------------------------------ handlers' call
+# ------------------------------------------------------------------------------ handlers' calls
+def announcing(request: web.Request) -> bool:
+    """Whether commits announce themselves: only with ``--hook-url`` (else nobody would ever
+    deliver the events, and every record would keep them)."""
+    return "hooks" in request.app
+
+
+def post_finish(request: web.Request) -> dict[str, Any] | None:
+    """What a PUT handler passes as ``ObjectStore.put(event=...)``: the commit then carries the
+    API.md post-finish (the object layer fills in its fields; a PUT has no metadata)."""
+    return {"type": "post-finish", "metadata": {}} if announcing(request) else None
+
+
+def post_delete(request: web.Request) -> dict[str, Any] | None:
+    """What a DELETE handler passes as ``ObjectStore.delete(event=...)``."""
+    return {} if announcing(request) else None
+
+
+async def delivered(hooks: HookClient, event: Mapping[str, Any]) -> bool:
+    """The outbox's ``deliver``: one attempt, True when the app answered 2xx."""
+    return (await hooks.deliver(event)) is Outcome.OK
+
+
 async def authorize(request: web.Request, *, key: str, size: int | None, content_type: str,
                     metadata: Mapping[str, str | None] | None = None, upload_id: str | None = None) -> None:
     """The pre-create check a handler makes before it reads a body or creates an upload; a

@@ -28,6 +28,8 @@ from gateway.config import (
     parse_nonneg_int,
     resolve,
 )
+from storage.probe import apply, probe
+from storage.stack import innermost
 
 DEFAULT_GC_GRACE = 3600.0
 
@@ -86,13 +88,15 @@ def _build_store(cfg: ServeConfig) -> Any:
 
 async def _open(cfg: ServeConfig) -> Any:
     store = _build_store(cfg)
-    check = getattr(store.backend, "check", None)
     try:
-        if check is not None:
-            await check()
+        await store.backend.check()
+        # As serve does: what the store honours decides whether tombstones may be removed.
+        caps = await probe(innermost(store.backend))
     except Exception as exc:
         await _close(store)
         raise ConfigError(f"--store: the store {cfg.store} is not usable: {exc}") from None
+    apply(store.backend, caps)
+    store.manifests.conditional_deletes = caps.conditional_delete
     return store
 
 
@@ -164,7 +168,8 @@ def cmd_gc(argv: Sequence[str]) -> int:
     async def work(store: Any, ns: argparse.Namespace, grace: float, bar: Any) -> int:
         from storage.gc import collect
 
-        report = await collect(store.backend, grace=grace, dry_run=ns.dry_run, progress=bar.update)
+        report = await collect(store.backend, grace=grace, dry_run=ns.dry_run, progress=bar.update,
+                               conditional_deletes=store.manifests.conditional_deletes)
         print(report.summary())
         return 1 if report.delete_errors else 0
 

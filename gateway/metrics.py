@@ -26,6 +26,7 @@ LOCK_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1
 BACKEND_OPS = ("put", "get", "head", "delete", "list")
 BACKEND_OUTCOMES = ("ok", "not_found", "precondition_failed", "transient", "permanent")
 GC_KINDS = ("chunk", "upload", "lease")
+MEDIA_KINDS = ("playlist", "segment", "media", "other")  # gateway.caching.media_kind
 
 METRIC_NAMES = frozenset(
     """
@@ -44,6 +45,7 @@ METRIC_NAMES = frozenset(
     chunkgate_uploads_expired_total chunkgate_uploads_in_progress chunkgate_upload_bytes_total
     chunkgate_gc_runs_total chunkgate_gc_deleted_total
     chunkgate_hook_deliveries_total chunkgate_hook_outbox_oldest_age_seconds chunkgate_hook_outbox_pending
+    chunkgate_object_reads_total
     """.split()
 )
 
@@ -69,6 +71,8 @@ class Metrics:
                                    buckets=LOCK_WAIT_BUCKETS, registry=r)
         self.gc_runs = Counter("chunkgate_gc_runs", "Garbage collection sweeps finished", registry=r)
         self.gc_deleted = Counter("chunkgate_gc_deleted", "Items garbage collection deleted", ["kind"], registry=r)
+        self.object_reads = Counter("chunkgate_object_reads", "GET requests answered for an object, by media kind "
+                                    "(playlist, segment, media, other)", ["kind"], registry=r)
         # Pre-create the label sets dashboards and alerts query, so they exist (at 0) from the
         # start: a panel selecting outcome=~"transient|permanent" must show 0, not "No data",
         # on a healthy gateway (found evaluating every panel on a real Prometheus).
@@ -78,6 +82,8 @@ class Metrics:
             self.backend_duration.labels(op)
         for kind in GC_KINDS:
             self.gc_deleted.labels(kind)
+        for kind in MEDIA_KINDS:
+            self.object_reads.labels(kind)
         self._sources: list[Callable[[], Iterable[Any]]] = []
         r.register(_DomainCollector(self._sources))
 
@@ -89,6 +95,9 @@ class Metrics:
             self.backend_read.inc(bytes_read)
         if bytes_written:
             self.backend_written.inc(bytes_written)
+
+    def object_read(self, kind: str) -> None:
+        self.object_reads.labels(kind).inc()
 
     def lock_waited(self, seconds: float) -> None:
         self.lock_wait.observe(seconds)

@@ -18,7 +18,8 @@ from urllib.parse import unquote_to_bytes
 from aiohttp import ClientPayloadError, EofStream, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway import conditions, hooks, ranges, security
+from gateway import caching, conditions, hooks, ranges, security
+from gateway.auth import READ_EXPIRES, READ_PRIVATE, TOKEN_PATH
 from gateway.errors import HTTPError
 from gateway.mediatypes import guess_content_type, normalize_content_type
 from storage.errors import ChunkRejected, ChunkSizeDrift, IncompleteBody, ObjectError, PreconditionNotMet
@@ -40,17 +41,34 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 BODY_READ_ERRORS = (ConnectionError, asyncio.IncompleteReadError, HttpProcessingError, ClientPayloadError, EofStream)
 
 
-def object_key(request: web.Request) -> str:
-    """The object key from the raw path: percent-decoded here, after routing, so that no URL
-    normalization (dot segments, merged slashes) can change which key a request names."""
-    raw = request.raw_path.split("?", 1)[0]
+def object_path(raw_path: str) -> tuple[str | None, str]:
+    """(path token or None, key) of ``/objects/{key}`` or ``/t/{token}/objects/{key}``, from
+    the raw path: the key is percent-decoded here, after routing, so that no URL normalization
+    (dot segments, merged slashes) can change which key a request names, and both forms follow
+    exactly the same key rules. The token is taken as sent (base64url needs no escaping)."""
+    raw = raw_path.split("?", 1)[0]
+    token = None
+    if raw.startswith(TOKEN_PATH):
+        token, sep, rest = raw[len(TOKEN_PATH):].partition("/")
+        if not token or not sep:
+            raise BadKey("the path must be /t/{token}/objects/{key}")
+        raw = "/" + rest
     if not raw.startswith("/objects/"):
-        raise BadKey("the path must be /objects/{key}")
+        raise BadKey("the path must be /objects/{key}" if token is None else "the path must be /t/{token}/objects/{key}")
     try:
         key = unquote_to_bytes(raw[len("/objects/"):]).decode("utf-8")
     except UnicodeDecodeError:
         raise BadKey("the key is not valid UTF-8") from None
-    return validate_key(key)
+    return token, validate_key(key)
+
+
+def object_key(request: web.Request) -> str:
+    return object_path(request.raw_path)[1]
+
+
+def path_token(request: web.Request) -> str | None:
+    """The prefix token of a ``/t/{token}/objects/{key}`` request, else None."""
+    return object_path(request.raw_path)[0]
 
 
 def store_of(request: web.Request) -> ObjectStore:
@@ -104,6 +122,7 @@ async def put_object(request: web.Request) -> web.Response:
         sha256_hex=sha.strip() if sha else None,
         check=check if ("If-Match" in request.headers or "If-None-Match" in request.headers) else None,
         owner=owner_of(request),
+        event=hooks.post_finish(request),
     )
     body = {"key": key, "size": manifest.size, "etag": manifest.etag, "version": manifest.version,
             "chunks": len(manifest.chunks)}
@@ -179,6 +198,11 @@ async def get_object(request: web.Request) -> web.StreamResponse:
             with contextlib.suppress(Exception):
                 await store.wait_repair(key)
         manifest = await store.head(key, fresh=attempt > 0)
+        pinned = request.query.get("v")
+        if pinned is not None and pinned != manifest.version:
+            # The URL names a version whose bytes it may cache for a year: never answer it
+            # with another version's bytes.
+            raise HTTPError(404, "version_not_found", "?v= names a version that is not the object's current one")
         try:
             return await _serve(request, store, manifest)
         except ChunkSizeDrift:
@@ -188,11 +212,21 @@ async def get_object(request: web.Request) -> web.StreamResponse:
     raise HTTPError(503, "chunk_size_drift", "the object's manifest is being repaired; try again", headers={"Retry-After": "1"})
 
 
+def cache_control_for(request: web.Request, m: Manifest) -> str:
+    expires = request.get(READ_EXPIRES)
+    return caching.cache_control(m.content_type, pinned=request.query.get("v") == m.version,
+                                 private=bool(request.get(READ_PRIVATE)),
+                                 signed_seconds_left=None if expires is None else expires - time.time())
+
+
 async def _serve(request: web.Request, store: ObjectStore, m: Manifest) -> web.StreamResponse:
     headers = object_headers(m)
     # Uploads are untrusted: anything but media is sandboxed (or downloaded), per --active-content.
     headers.update(security.object_headers(m.content_type, request.app["config"].active_content))
     request[OBJECT_READ] = True
+    headers["Cache-Control"] = cache_control_for(request, m)  # playlists, segments, pinned versions
+    if request.method == "GET":
+        request.app["metrics"].object_read(caching.media_kind(m.content_type))
     # HEAD answers with exactly the headers GET would send (API.md), ranges included.
     method = "GET" if request.method == "HEAD" else request.method
     decision = conditions.evaluate(method, request.headers, etag=m.etag, last_modified=m.last_modified)
@@ -321,7 +355,7 @@ async def delete_object(request: web.Request) -> web.Response:
         if conditions.evaluate_write(request.headers, current_etag=current_etag) is not conditions.Outcome.PROCEED:
             raise PreconditionNotMet("the object's current state does not satisfy If-Match")
 
-    await store_of(request).delete(key, check=check, owner=owner_of(request))
+    await store_of(request).delete(key, check=check, owner=owner_of(request), event=hooks.post_delete(request))
     return web.Response(status=204)
 
 
@@ -348,6 +382,16 @@ async def list_objects(request: web.Request) -> web.Response:
         for m in manifests
     ]
     return web.json_response({"objects": objects, "next_after": next_after})
+
+
+async def signed_object_dispatch(request: web.Request) -> web.StreamResponse:
+    """``/t/{token}/objects/{key}``: reads only (the auth middleware has checked the token)."""
+    if request.method in ("GET", "HEAD"):
+        return await get_object(request)
+    if request.method == "OPTIONS":
+        return web.Response(status=204, headers={"Allow": "GET, HEAD, OPTIONS"})
+    raise HTTPError(405, "method_not_allowed", f"{request.method} is not allowed on a signed URL; use /objects/{{key}}",
+                    headers={"Allow": "GET, HEAD, OPTIONS"})
 
 
 async def object_dispatch(request: web.Request) -> web.StreamResponse:

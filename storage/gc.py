@@ -190,10 +190,12 @@ async def collect(
     now: float | None = None,
     uploads: UploadsHook | None | str = "auto",
     progress: Callable[[int], None] | None = None,
+    conditional_deletes: bool = True,
 ) -> GcReport:
     """One gc pass over the store behind ``backend``; see the module docstring for the rules.
 
-    ``progress(n)`` is called as chunks are listed and deleted (for a progress bar)."""
+    ``progress(n)`` is called as chunks are listed and deleted (for a progress bar).
+    ``conditional_deletes``: what ``storage.probe`` found; without them tombstones are kept."""
     report = GcReport(dry_run=dry_run)
     hook = default_uploads_hook(backend) if uploads == "auto" else uploads
     assert not isinstance(hook, str)
@@ -231,7 +233,8 @@ async def collect(
     if dry_run:
         return report
     await _delete(backend, doomed, report, progress)
-    await _sweep_leftovers(backend, seen, now=now, grace=grace)
+    await _sweep_leftovers(backend, seen, {kid for kid, _ in protected}, now=now, grace=grace,
+                           conditional_deletes=conditional_deletes)
     return report
 
 
@@ -260,14 +263,17 @@ async def _delete(backend: Backend, doomed: list[_Chunk], report: GcReport,
     report.chunks_deleted -= report.delete_errors
 
 
-async def _sweep_leftovers(backend: Backend, seen: _Referenced, *, now: float, grace: float) -> None:
-    """Records that only a crash leaves for long: tombstones a DELETE could not remove (each by
-    a conditional delete, so a commit over it since is never taken along) and expired intents."""
+async def _sweep_leftovers(backend: Backend, seen: _Referenced, busy_kids: set[str], *, now: float,
+                           grace: float, conditional_deletes: bool) -> None:
+    """Tombstones older than the grace period whose key no writer may still commit over (each
+    removed by a conditional delete, so a commit over it since is never taken along; see
+    storage.manifests on why a live upload keeps its key's tombstone), and expired intents."""
     from storage.manifests import ManifestStore
 
     records = ManifestStore(backend)
+    records.conditional_deletes = conditional_deletes
     for tomb in seen.tombstones:
-        if now - (tomb.deleted_at or 0.0) >= grace:
+        if now - (tomb.deleted_at or 0.0) >= grace and keys.key_id(tomb.key) not in busy_kids:
             await records.remove_tombstone(tomb)
     for intent in await intents.scan(backend):
         if intent.expires <= now:
@@ -285,7 +291,7 @@ async def run_periodically(store: Any, interval: float, grace: float,
     while True:
         await asyncio.sleep(random.uniform(0.5, 1.0) * interval)
         try:
-            report = await collect(store.backend, grace=grace)
+            report = await collect(store.backend, grace=grace, conditional_deletes=store.manifests.conditional_deletes)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -416,8 +416,11 @@ class StoreLockManager:
             return _Slot(key, 1, etag, record, until)
         current = self._parse(blob.data)
         if current is None:
-            log.error("lease record of %r is unreadable; replacing it", key)
-            return await self._take_over(key, owner, {"token": 0, "released": True}, blob.etag, expired=False)
+            # Damaged (or a short read a store let through): it may still be someone's live
+            # lease, so it is taken over only by the unchanged-for-stale_after rule, with a
+            # token larger than any it could have held (its own cannot be read).
+            log.error("lease record of %r is unreadable; it is taken over once unchanged for %.0fs", key, self.stale_after)
+            return {"token": int(self._clock() * 1000), "expires": float("inf")}, blob.etag
         if current.get("released") or float(current.get("expires", 0)) + self.max_clock_skew <= self._clock():
             return await self._take_over(key, owner, current, blob.etag, expired=not current.get("released"))
         return current, blob.etag

@@ -17,9 +17,11 @@ record's ETag when it saw one. Each has one of three outcomes:
 
 Tombstones: a DELETE replaces the manifest with a tombstone by ``If-Match``, so a delete delayed
 past a lease takeover fails instead of removing a newer version (an unconditional delete of the
-record would take it). The tombstone is removed right after by a conditional delete when the store
-honours those (``storage.probe``) and it carries no undelivered events; otherwise it stays, a few
-hundred bytes, and reads treat it as absent.
+record would take it). Reads treat a tombstone as absent. gc removes it later, by a conditional
+delete when the store honours those (``storage.probe``), once it is older than the grace period,
+carries no undelivered events, and no upload that may still commit names its key: an upload that
+recorded "no record" as what it replaces must not find "no record" again after its own commit
+landed and was deleted (it would commit a second time).
 
 Events: a commit may carry post-commit events (hooks). They are written inside the record, in
 the same conditional write as the commit, after the undelivered events of the record it
@@ -94,6 +96,41 @@ class CommitResult:
 def version_of(current: Current | None) -> str | None:
     """The committed version a record holds; None for no record or a tombstone."""
     return current.version if current is not None else None
+
+
+class Contention:
+    """How long a writer keeps retrying after LOST. Only a loss to another state counts: a rewrite
+    of the same version (the hook outbox removing a delivered event, a repair) says nothing about
+    other writers winning, so it is simply retried, within a generous cap."""
+
+    def __init__(self, losses: int = 5, rounds: int = 50) -> None:
+        self.losses, self.rounds = losses, rounds
+
+    def __iter__(self) -> "Contention":
+        return self
+
+    def __next__(self) -> int:
+        if self.losses <= 0 or self.rounds <= 0:
+            raise StopIteration
+        self.rounds -= 1
+        return self.rounds
+
+    def lost(self, seen: "Current | None", result: CommitResult) -> None:
+        if identity(result.current) != identity(seen):
+            self.losses -= 1
+
+
+def identity(current: Current | None) -> str | None:
+    """What a record means, for a writer that must commit over exactly what it saw: the version
+    (rewrites of the same version -- repairs, events -- keep it), or which version a tombstone
+    deleted; None for no record at all. Unlike a version, a tombstone is never 'no object' again
+    while it exists, which is why tombstones are swept only when no upload may still commit
+    over the key (storage.gc)."""
+    if current is None:
+        return None
+    if current.manifest is not None:
+        return "v:" + current.manifest.version
+    return "d:" + (current.deleted_version or current.rev)
 
 
 class ManifestStore:

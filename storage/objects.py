@@ -44,7 +44,7 @@ from storage.errors import (
 )
 from storage.locks import Lease
 from storage.manifest import ChunkRef, Manifest
-from storage.manifests import CommitResult, Current, Event, ManifestStore, Outcome, version_of
+from storage.manifests import CommitResult, Contention, Current, Event, ManifestStore, Outcome, version_of
 from storage.tolerance import SizeTolerance, Verdict
 
 log = logging.getLogger("chunkgate.objects")
@@ -113,7 +113,7 @@ class ObjectStore:
         self.clock = clock
         self.manifests = ManifestStore(backend, clock=clock)
         self.cache: ChunkCache[StoredChunk] = ChunkCache(self.options.cache_bytes, lambda c: _cost(len(c.data)))
-        self._manifests: TTLCache = TTLCache(maxsize=4096, ttl=self.options.manifest_ttl)
+        self._manifests: TTLCache = TTLCache(maxsize=4096, ttl=self.options.manifest_ttl, timer=clock)
         self._manifest_reads: dict[str, tuple[int, asyncio.Future[Current]]] = {}
         self._manifest_writes = 0  # bumped by every commit/delete/repair of this process
         self._pending_gc: set[asyncio.Task[None]] = set()
@@ -211,7 +211,8 @@ class ObjectStore:
         gateway's writers; a LOST write means another gateway's commit landed between our read
         and our write (a lease taken over), so read again and retry, boundedly."""
         key = manifest.key
-        for _ in range(5):
+        contention = Contention()
+        for _ in contention:
             current = await self.record(key)
             if version_of(current) == manifest.version:
                 attempt.committed = True  # an earlier attempt of ours landed after all
@@ -224,6 +225,7 @@ class ObjectStore:
             if result.outcome is Outcome.UNKNOWN:
                 raise StoreUnavailable(f"the store failed committing the manifest and its outcome is unknown: {result.error}",
                                        retry_after=getattr(result.error, "retry_after", None), outcome_unknown=True)
+            contention.lost(current, result)
         raise CommitConflict(f"gave up committing {key!r}: other writers kept winning")
 
     async def commit(self, manifest: Manifest, *, check: Callable[[str | None], None] | None = None,
@@ -332,7 +334,8 @@ class ObjectStore:
         delayed past a lease takeover cannot remove a version committed after its check."""
         async with self.locks.hold(key, owner=owner, timeout=self.options.lock_timeout) as lease:
             attempt = CommitAttempt()
-            for _ in range(5):
+            contention = Contention()
+            for _ in contention:
                 current = await self.record(key)
                 if current is None or current.manifest is None:
                     raise ObjectNotFound(f"no object at key {key!r}")
@@ -345,12 +348,11 @@ class ObjectStore:
                                  "time": datetime.fromtimestamp(self.clock(), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")},)
                 result = await self.commit_record(key, None, current, lease, attempt, events=announce)
                 if result.outcome is Outcome.COMMITTED:
-                    assert result.current is not None
-                    await self.manifests.remove_tombstone(result.current)
-                    return
+                    return  # the tombstone stays until gc (storage.manifests explains why)
                 if result.outcome is Outcome.UNKNOWN:
                     raise StoreUnavailable(f"the store failed deleting and the outcome is unknown: {result.error}",
                                            retry_after=getattr(result.error, "retry_after", None), outcome_unknown=True)
+                contention.lost(current, result)
             raise CommitConflict(f"gave up deleting {key!r}: other writers kept winning")
 
     def _delete_version_later(self, manifest: Manifest) -> None:

@@ -1,94 +1,65 @@
 """The outbox: delivers the post-finish / post-delete events that commits recorded in the store,
 at least once, in commit order per key, whichever gateway is alive to do it.
 
-How an event gets into the store (the commit side, ``storage.manifests``): a commit that announces
-first writes a *pointer* ``o/<13 hex digits of ms time>-<event id>`` holding
+How an event gets into the store is ``storage.manifests`` (``ManifestStore.commit``): a commit
+that announces first writes a *pointer* ``o/<13 hex digits of ms time>-<event id>`` holding
 ``{"key", "event", "replaces"}`` (``replaces``: the ETag of the record the commit conditionally
 replaces, or null), then makes its conditional write of the key's record with the event appended
-to the record's ``"events"`` list (carrying forward the events of the record it replaces). So an
-event exists iff its commit landed, and a key's events are in commit order. Pointers only say
-*which keys* to look at, so nobody scans every manifest.
+to the record's events (carrying forward the undelivered events of the record it replaces). So an
+event exists iff its commit landed, and a key's events are in commit order. The events themselves
+are built by ``storage.objects.ObjectStore.announcement`` (post-finish) and ``ObjectStore.delete``
+(post-delete); pointers only say *which keys* to look at, so nobody scans every manifest.
 
 What this module does with them: every ``interval`` (and at once for a key that was just
 committed, ``kick``) it lists ``o/``, groups pointers by key, and per key, holding the key's
 *delivery lease* (the store's leases, so one gateway at a time delivers a key's events and a dead
 gateway's lease expires and is taken over), reads the record, delivers its events in list order
 and removes each one, right after its delivery was acknowledged, with a conditional rewrite of the
-events list. A crash therefore redelivers at most the event in flight, with the same id. A
-failed delivery gives the lease back and retries that key later, exponentially backed off with full
-jitter. A pointer is deleted once its event is no longer in the record *and* the record is no
-longer the one it replaces (its commit then either landed and was delivered, or can never land);
-a pointer whose commit neither landed nor can be ruled out (a crash between pointer and commit,
-a lost conditional write) is dropped with a warning after ``horizon``.
+events list (``ManifestStore.set_events``). A crash therefore redelivers at most the event in
+flight, with the same id. A failed delivery gives the lease back and retries that key later,
+exponentially backed off with full jitter. A pointer is deleted once its event is no longer in
+the record *and* the record is no longer the one it replaces (its commit then either landed and
+was delivered, or can never land); a pointer whose commit neither landed nor can be ruled out (a
+crash between pointer and commit, a lost conditional write) is dropped with a warning after
+``horizon``. Tombstones (a DELETE's record) are never removed here: gc removes them once old,
+without events, and with no upload that may still commit over the key (``storage.manifests``).
+That matters for the pointers too: judged against "no record", a delivered create's pointer
+would look like a create still in flight.
 
 The delivery lease is its own lock name (``delivery_lock``), not the key's write lock: a slow or
 hanging application must never make PUTs of that key wait.
 
 Must never: import aiohttp or ``gateway`` (delivery is the ``deliver`` callable it is given);
-remove an event before ``deliver`` said it was delivered; deliver a key's events out of list
-order, or two events of one key at once from this process; delete a pointer whose commit may
-still land; hold a delivery lease while it waits out a backoff.
+build events (the commit side does); remove an event before ``deliver`` said it was delivered;
+deliver a key's events out of list order, or two events of one key at once from this process;
+delete a pointer whose commit may still land; hold a delivery lease while it waits out a backoff;
+remove a record (a tombstone goes through gc only).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import random
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from enum import Enum
-from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
+from storage import keys
 from storage.backends.base import Backend, NotFound
 from storage.locks import LeaseLost, LockTimeout
+from storage.manifests import CommitResult, Current, ManifestStore, Outcome
 
 log = logging.getLogger("chunkgate.outbox")
 
-POINTER_PREFIX = "o/"
-_POINTER_NAME = re.compile(r"^o/([0-9a-f]{13})-([0-9A-Za-z_-]{1,128})$")
+_POINTER_NAME = re.compile(r"^" + re.escape(keys.OUTBOX_PREFIX) + r"([0-9a-f]{13})-([0-9A-Za-z_-]{1,128})$")
 
 Event = Mapping[str, Any]
 Deliver = Callable[[Event], Awaitable[bool]]  # True when the application acknowledged it (2xx)
-
-
-class Record(Protocol):
-    """What the outbox needs of a key's current record: a manifest, or a tombstone (``manifest``
-    None) that a DELETE left while it had events to deliver."""
-
-    @property
-    def key(self) -> str: ...
-
-    @property
-    def etag(self) -> str: ...
-
-    @property
-    def manifest(self) -> Any: ...
-
-    @property
-    def events(self) -> Sequence[Event]: ...
-
-
-class EventRecords(Protocol):
-    """The calls of the commit component (``storage.manifests.ManifestStore``) the outbox uses."""
-
-    async def read(self, key: str) -> Record | None:
-        """The key's record as stored now, or None when there is none."""
-        ...
-
-    async def set_events(self, expected: Any, events: Sequence[Event]) -> Any:
-        """Rewrite only the events list of ``expected`` (a record ``read`` returned), as a
-        conditional write. Its outcome is not relied on here: the next ``read`` tells."""
-        ...
-
-    async def remove_tombstone(self, current: Any) -> bool:
-        """Remove a tombstone that carries no events, conditionally; True if it is gone."""
-        ...
 
 
 # ------------------------------------------------------------------------------ pure parts
@@ -99,14 +70,6 @@ class Pointer:
     event_id: str
     key: str
     replaces: str | None
-
-
-def pointer_key(event_id: str, now: float) -> str:
-    return f"{POINTER_PREFIX}{int(now * 1000):013x}-{event_id}"
-
-
-def pointer_body(key: str, event_id: str, replaces: str | None) -> bytes:
-    return json.dumps({"key": key, "event": event_id, "replaces": replaces}, ensure_ascii=False).encode()
 
 
 def parse_pointer_name(store_key: str) -> tuple[float, str] | None:
@@ -143,7 +106,8 @@ def judge_pointer(pointer: Pointer, *, pending: set[str], record_etag: str | Non
     if record_etag != pointer.replaces:
         # The record moved on from the one this commit conditionally replaces: either the commit
         # landed and its event has since been delivered, or another commit won and this one's
-        # condition can never hold again.
+        # condition can never hold again (every record write has a fresh rev, so an ETag never
+        # comes back).
         return Verdict.DONE
     # Still the record it would replace: the commit is in flight, or it failed (crash, lost
     # conditional write) without a trace. Only time tells these apart.
@@ -155,46 +119,6 @@ def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 60.0, rand: C
     jitter (uniform in [0, min(cap, base * 2^(attempt-1))]), so that gateways retrying an
     application that comes back do not all arrive at once. ``rand`` returns [0, 1)."""
     return min(cap, base * (2 ** min(max(0, attempt - 1), 62))) * rand()
-
-
-def new_event_id() -> str:
-    return uuid.uuid4().hex
-
-
-def rfc3339(when: datetime | None = None) -> str:
-    """``2026-11-22T10:00:00.123Z``: UTC, milliseconds (the ``time`` of every event)."""
-    when = when or datetime.now(timezone.utc)
-    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def metadata_map(upload_metadata: str | None) -> dict[str, str]:
-    """tus ``Upload-Metadata`` (already validated when the upload was created) as the string
-    map events carry; a key without a value maps to ""."""
-    out: dict[str, str] = {}
-    for pair in (upload_metadata or "").split(","):
-        parts = pair.strip().split(" ")
-        if not parts[0]:
-            continue
-        try:
-            out[parts[0]] = base64.b64decode(parts[1]).decode("utf-8") if len(parts) > 1 and parts[1] else ""
-        except (ValueError, UnicodeDecodeError):
-            out[parts[0]] = ""
-    return out
-
-
-def post_finish_event(*, key: str, size: int, etag: str, version: str, content_type: str,
-                      upload_id: str | None = None, metadata: Mapping[str, str] | None = None,
-                      event_id: str | None = None, time: str | None = None) -> dict[str, Any]:
-    """The post-finish event of API.md: an object was committed (by PUT: no upload id, {} metadata)."""
-    return {"id": event_id or new_event_id(), "type": "post-finish", "time": time or rfc3339(), "key": key,
-            "size": size, "etag": etag, "version": version, "content_type": content_type,
-            "upload_id": upload_id, "metadata": dict(metadata or {})}
-
-
-def post_delete_event(*, key: str, version: str, event_id: str | None = None, time: str | None = None) -> dict[str, Any]:
-    """The post-delete event of API.md: ``version`` is the one deleted."""
-    return {"id": event_id or new_event_id(), "type": "post-delete", "time": time or rfc3339(), "key": key,
-            "version": version}
 
 
 def delivery_lock(key: str) -> str:
@@ -242,7 +166,10 @@ class _KeyState:
 
 
 class Outbox:
-    def __init__(self, backend: Backend, records: EventRecords, locks: Any, deliver: Deliver, *,
+    """``records`` is the store's ``ManifestStore`` (``ObjectStore.manifests``); ``locks`` its
+    ``Locker`` (store leases when several gateways share the store)."""
+
+    def __init__(self, backend: Backend, records: ManifestStore, locks: Any, deliver: Deliver, *,
                  options: OutboxOptions | None = None, clock: Callable[[], float] = time.time,
                  owner: str = "outbox") -> None:
         self.backend = backend
@@ -255,6 +182,7 @@ class Outbox:
         self._owner = owner
         self._keys: dict[str, _KeyState] = {}
         self._busy: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()  # kicked while busy: look at the record once more
         self._pointers: dict[str, Pointer | None] = {}  # store key -> parsed (pointers never change)
         self._limit = asyncio.Semaphore(max(1, self.options.concurrency))
         self._loop_task: asyncio.Task[None] | None = None
@@ -333,7 +261,7 @@ class Outbox:
     async def _list(self) -> dict[str, list[Pointer]]:
         seen: set[str] = set()
         by_key: dict[str, list[Pointer]] = {}
-        async for info in self.backend.list(POINTER_PREFIX):
+        async for info in self.backend.list(keys.OUTBOX_PREFIX):
             seen.add(info.key)
             if info.key not in self._pointers:
                 self._pointers[info.key] = await self._read_pointer(info.key)
@@ -360,11 +288,22 @@ class Outbox:
     def _start(self, key: str, pointers: Sequence[Pointer]) -> asyncio.Task[None]:
         running = self._busy.get(key)
         if running is not None:
+            # A commit landed while this key's drain runs: it may have read the record before
+            # that commit, so it looks once more when it ends (else the event waits for a pass).
+            if not pointers:
+                self._again.add(key)
             return running
         task = asyncio.ensure_future(self._drain(key, pointers))
         self._busy[key] = task
-        task.add_done_callback(lambda t, k=key: self._busy.pop(k, None) if self._busy.get(k) is t else None)
+        task.add_done_callback(lambda t, k=key: self._drained(k, t))
         return task
+
+    def _drained(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._busy.get(key) is task:
+            del self._busy[key]
+        if key in self._again:
+            self._again.discard(key)
+            self.kick(key)
 
     async def _drain(self, key: str, pointers: Sequence[Pointer]) -> None:
         async with self._limit:
@@ -384,8 +323,8 @@ class Outbox:
                 log.warning("delivering events of %r failed: %s", key, exc)
                 self._retry_later(key)
 
-    async def _deliver_all(self, key: str, pointers: Sequence[Pointer], lease: Any) -> Record | None:
-        """Deliver the record's events head first, removing each once acknowledged; return the
+    async def _deliver_all(self, key: str, pointers: Sequence[Pointer], lease: Any) -> Current | None:
+        """Deliver the record's events head first, removing each once acknowledged. Returns the
         record as last read (for judging pointers)."""
         recorded = {p.event_id: p.written for p in pointers}
         delivered: set[str] = set()  # acknowledged in this drain, maybe not yet removed
@@ -394,12 +333,10 @@ class Outbox:
         while True:
             events = list(record.events) if record is not None else []
             self._note_pending(key, events, recorded)
-            if budget <= 0:
-                return record
             if not events:
                 self._succeeded(key)
-                if record is not None and record.manifest is None and await self.records.remove_tombstone(record):
-                    return None  # a delete whose events are all delivered leaves nothing behind
+                return record
+            if budget <= 0:
                 return record
             head = events[0]
             if str(head.get("id")) not in delivered:
@@ -413,8 +350,17 @@ class Outbox:
             else:
                 budget -= 1  # the rewrite below lost to a concurrent commit, which carried it forward
             lease.check()
-            await self.records.set_events(record, events[1:])
-            record = await self.records.read(key)
+            assert record is not None
+            record = await self._rewritten(key, await self.records.set_events(record, events[1:]))
+
+    async def _rewritten(self, key: str, result: CommitResult) -> Current | None:
+        """The record after a rewrite of its events: as written, as read back after losing to a
+        concurrent commit, or read again when the outcome is unknown."""
+        if result.outcome is Outcome.COMMITTED:
+            return result.current
+        if result.outcome is Outcome.LOST and result.current is not None:
+            return result.current
+        return await self.records.read(key)
 
     async def _deliver_renewing(self, event: Event, lease: Any) -> bool:
         """``deliver``, keeping the lease renewed however long the application takes."""
@@ -432,7 +378,7 @@ class Outbox:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
 
-    async def _sweep(self, key: str, pointers: Sequence[Pointer], record: Record | None) -> None:
+    async def _sweep(self, key: str, pointers: Sequence[Pointer], record: Current | None) -> None:
         pending = {str(e.get("id")) for e in record.events} if record is not None else set()
         etag = record.etag if record is not None else None
         now = self._clock()

@@ -56,7 +56,7 @@ from storage.errors import (
 from storage.keys import BadKey
 from storage.locks import LeaseLost
 from storage.manifest import ChunkRef, Manifest, block_count
-from storage.manifests import Event, Outcome, version_of
+from storage.manifests import Contention, Event, Outcome, identity, version_of
 from storage.objects import ChunkWriter, CommitAttempt, ObjectStore, sha256_hex
 
 log = logging.getLogger("chunkgate.uploads")
@@ -154,9 +154,9 @@ class UploadRecord:
     hashes: dict[int, str] = field(default_factory=dict)  # SHA-256 of chunks known to be written
     blocks: dict[int, list[str]] = field(default_factory=dict)  # their per-block SHA-256, when known
     finished: float | None = None  # when it entered a terminal state
-    # Recorded under the object key's lock when the upload enters ``committing``: the version
-    # (None: no object) its commit replaces. A retry commits only over exactly that, so it can
-    # never replace a version that came after its own (storage.manifests).
+    # Recorded under the object key's lock when the upload enters ``committing``: what its commit
+    # replaces (``storage.manifests.identity``: a version, a tombstone, or None for no record).
+    # A retry commits only over exactly that, so it can never replace what came after its own.
     replaces: str | None = None
     replaces_known: bool = False
     # Completed without its own commit: a later write replaced what this upload was to replace
@@ -394,7 +394,10 @@ class UploadSessions:
         """The durable state, finishing an upload whose bytes are all in (a crash between the
         last byte and the commit is completed here)."""
         durable = await self._load(upload_id, lease)
-        if durable.record.state in LIVE_STATES and durable.done_receiving:
+        record = durable.record
+        # A commit left in ``committing`` is finished whatever its chunks look like now: the
+        # version may have landed and been replaced since, its chunks deleted with it.
+        if record.state is UploadState.COMMITTING or (record.state in LIVE_STATES and durable.done_receiving):
             await self._complete(durable, lease)
         return self._status(durable)
 
@@ -447,6 +450,7 @@ class UploadSessions:
 
         await self._remove(durable.debris, lease)
         durable.debris = []
+        await self._expect(durable, lease)
         tail_bytes = b""
         if durable.tail is not None:
             blob = await _guard("reading the upload's last chunk", self.backend.get(durable.tail.key))
@@ -499,8 +503,20 @@ class UploadSessions:
         if error is not None:
             raise error
         if durable.done_receiving:
-            await self._complete(durable, lease)
+            # This request carried the last bytes: its commit is now, over whatever is current.
+            await self._complete(durable, lease, inline=session.received > 0)
         return self._status(durable)
+
+    async def _expect(self, durable: _Durable, lease: Any) -> None:
+        """Before a PATCH writes bytes, record what the key holds now. If this request dies
+        after the last byte lands but before the commit, a later request finishing the upload
+        commits only over exactly that: a write to the key that came in between (an
+        acknowledged PUT, say) is never overwritten by this older upload."""
+        record = durable.record
+        expected = identity(await self.store.record(record.key))
+        if not record.replaces_known or record.replaces != expected:
+            record.replaces, record.replaces_known = expected, True
+            await self._put_record(durable, lease)
 
     # -------------------------------------------------------------------------- terminate
     async def terminate(self, upload_id: str, lease: Any) -> None:
@@ -531,11 +547,15 @@ class UploadSessions:
         expired = 0
         seen_live: set[str] = set()
         ids: list[str] = []
-        async for info in self.backend.list(keys.UPLOAD_PREFIX):
+        tails: dict[str, list[ObjectInfo]] = {}
+        async for info in self._list(keys.UPLOAD_PREFIX):
             rest = info.key[len(keys.UPLOAD_PREFIX):]
             upload_id, _, tail = rest.partition("/")
             if tail == "info" and valid_upload_id(upload_id):
                 ids.append(upload_id)
+            elif tail.startswith("t/"):
+                tails.setdefault(upload_id, []).append(info)
+        await self._sweep_orphan_tails(tails, set(ids), now)
         for upload_id in ids:
             try:
                 record, _etag = await self._read_record(upload_id)
@@ -569,6 +589,8 @@ class UploadSessions:
                 else:
                     if record.state is not UploadState.COMPLETE:
                         await self._delete_data(record, lease)  # in case a crash interrupted it
+                    else:  # a tail a stalled request wrote after the upload completed
+                        await self._remove([k async for k in self._keys(tail_prefix(upload_id))], lease)
                     lease.check()
                     await _guard("deleting an upload record", self.backend.delete(info_key(upload_id)))
             except Exception as exc:  # one bad upload must not stop the sweep
@@ -578,6 +600,20 @@ class UploadSessions:
         # Keep ids created after the listing; the rest is what the store says now.
         self._live = seen_live | (self._live - set(ids))
         return expired
+
+    async def _sweep_orphan_tails(self, tails: dict[str, list[ObjectInfo]], records: set[str], now: float) -> None:
+        """Tails whose upload record is gone (a write delayed on the wire landed after the
+        upload ended and was swept): nobody can resume them, so they go once old enough that
+        the record is surely not just being created."""
+        for upload_id, infos in tails.items():
+            if upload_id in records:
+                continue
+            old = [i.key for i in infos if now - i.last_modified.timestamp() > self.options.tombstone_seconds]
+            for k in old:
+                try:
+                    await self.backend.delete(k)
+                except (TransientError, PermanentError) as exc:
+                    log.warning("could not delete the orphaned tail %s: %s", k, exc)
 
     async def start(self) -> None:
         """Run the sweeper in the background (first sweep right away: it also counts the live
@@ -619,8 +655,15 @@ class UploadSessions:
         return UploadRecord.from_json(blob.data), blob.etag
 
     async def _keys(self, prefix: str) -> Any:
-        async for info in self.backend.list(prefix):
+        async for info in self._list(prefix):
             yield info.key
+
+    async def _list(self, prefix: str) -> Any:
+        try:
+            async for info in self.backend.list(prefix):
+                yield info
+        except (TransientError, PermanentError) as exc:
+            raise from_backend(exc, f"listing {prefix}") from exc
 
     async def _load(self, upload_id: str, lease: Any) -> _Durable:
         """The upload as stored; an upload past its expiry is expired here (under the lease)."""
@@ -629,8 +672,8 @@ class UploadSessions:
             raise UploadGone(f"upload {upload_id} was {'terminated' if record.state is UploadState.ABORTED else 'expired'}")
         if record.state is UploadState.COMPLETE:
             return _Durable(record, etag, [], None, [])
-        chunks = [i async for i in self.backend.list(keys.chunk_prefix(record.key, record.version))]
-        tails = [i async for i in self.backend.list(tail_prefix(upload_id))]
+        chunks = [i async for i in self._list(keys.chunk_prefix(record.key, record.version))]
+        tails = [i async for i in self._list(tail_prefix(upload_id))]
         good, tail, debris = durable_layout(record, chunks, tails)
         durable = _Durable(record, etag, good, tail, debris)
         if record.state in (UploadState.PENDING, UploadState.RECEIVING) and record.expires <= self._clock():
@@ -662,23 +705,29 @@ class UploadSessions:
                 log.warning("could not delete %s: %s", k, exc)
 
     async def _delete_data(self, record: UploadRecord, lease: Any) -> None:
-        """Remove an unfinished upload's chunks and tail. Never for a complete upload."""
+        """Remove an unfinished upload's chunks and tail. Never for a complete upload, and never
+        the chunks of a version that the key's record names (belt and braces: a commit whose
+        outcome was unknown may have landed after all)."""
         assert record.state not in (UploadState.COMPLETE, UploadState.COMMITTING)
-        doomed = [k async for k in self._keys(keys.chunk_prefix(record.key, record.version))]
-        doomed += [k async for k in self._keys(tail_prefix(record.id))]
+        doomed = [k async for k in self._keys(tail_prefix(record.id))]
+        if version_of(await self.store.record(record.key)) != record.version:
+            doomed += [k async for k in self._keys(keys.chunk_prefix(record.key, record.version))]
+        else:
+            log.error("upload %s ended, but its version is %r's committed one: its chunks stay", record.id, record.key)
         for k in doomed:
             self.store.cache.discard(k)
         await self._remove(doomed, lease)
 
-    async def _complete(self, durable: _Durable, lease: Any) -> None:
+    async def _complete(self, durable: _Durable, lease: Any, *, inline: bool = False) -> None:
         """All bytes are in: commit the upload's manifest under the object key's lock (same
-        verification as a PUT) and record ``complete``. Also finishes a commit that a crash or a
-        failure left in ``committing``, never over a version that came after it."""
+        verification as a PUT) and record ``complete``. ``inline``: called by the request that
+        carried the last bytes. Otherwise this finishes what a crash or a failure left behind,
+        and never over anything written to the key since the last bytes were sent."""
         record = durable.record
         if record.state is UploadState.COMPLETE:
             return
         try:
-            await self._commit(durable, lease)
+            await self._commit(durable, lease, inline=inline)
         except BadKey as exc:
             # The store cannot hold the key (refused outright, nothing landed): the upload can
             # never complete, so it ends here instead of pinning its chunks forever.
@@ -690,8 +739,11 @@ class UploadSessions:
         """The manifest of the upload's version from its durable chunks: the saved tail becomes
         the final chunk, and chunks a dead request wrote without recording are hashed once."""
         record = durable.record
-        await self._remove(durable.debris, lease)
-        durable.debris = []
+        if record.state is not UploadState.COMMITTING:
+            # Before ``committing`` no manifest can name them; after, chunks are only ever
+            # removed by what replaces the version, or by gc (which reads the manifests).
+            await self._remove(durable.debris, lease)
+            durable.debris = []
         if durable.tail is not None:
             # The last bytes were saved as a tail (a checkpoint, or the length was deferred):
             # they become the final chunk.
@@ -730,22 +782,25 @@ class UploadSessions:
             block_size=self.store.options.block_size,
         )
 
-    async def _commit(self, durable: _Durable, lease: Any) -> None:
+    async def _commit(self, durable: _Durable, lease: Any, *, inline: bool) -> None:
         """The commit protocol of an upload (README, "Commits"): under the object key's lock,
-        read the key's record; first time, record ``committing`` with the version it replaces
-        (durably, before the manifest write); then commit by a conditional write over exactly
-        that record. Already ours: complete. Another version than the one recorded: a later
-        write came first, and this upload completes as superseded, never committed over it."""
+        read the key's record. Already ours: complete. Then the record to commit over: by the
+        request that carried the last bytes (``inline``), whatever is current; by any later
+        one, only what the last writing request saw (``_expect``) or what ``committing``
+        recorded. Anything else means a later write came first, and the upload completes as
+        superseded, never committed over it. ``committing`` is recorded, with what it
+        replaces, durably before the manifest is written by a conditional write over it."""
         record = durable.record
         manifest: Manifest | None = None
         async with self.locks.hold(record.key, owner=f"tus-commit {record.id}", timeout=self.options.lock_timeout) as key_lease:
-            for _ in range(5):
+            contention = Contention()
+            for _ in contention:
                 lease.check()
                 current = await self.store.record(record.key)
                 if version_of(current) == record.version:
                     break  # an earlier attempt landed (its answer or our record was lost)
-                if record.state is UploadState.COMMITTING and record.replaces_known:
-                    if version_of(current) != record.replaces:
+                if record.replaces_known and (record.state is UploadState.COMMITTING or not inline):
+                    if identity(current) != record.replaces:
                         await self._supersede(durable, lease, version_of(current))
                         return
                 if manifest is None:
@@ -756,7 +811,7 @@ class UploadSessions:
                     manifest = await self._manifest(durable, lease)
                 if not (record.state is UploadState.COMMITTING and record.replaces_known):
                     record.state = UploadState.COMMITTING
-                    record.replaces, record.replaces_known = version_of(current), True
+                    record.replaces, record.replaces_known = identity(current), True
                     await self._put_record(durable, lease)
                 events = (self._announcement(record, manifest),) if self.announce else ()
                 result = await self.store.commit_record(record.key, manifest, current, key_lease, CommitAttempt(),
@@ -770,6 +825,7 @@ class UploadSessions:
                                            retry_after=getattr(result.error, "retry_after", None), outcome_unknown=True)
                 # LOST: the record changed under us. Same version (its events were rewritten):
                 # try again over it; another version: the next round supersedes.
+                contention.lost(current, result)
             else:
                 raise UploadConflict(f"upload {record.id}: the object kept changing while it was being committed")
         await self._mark_complete(durable, lease)
@@ -789,13 +845,19 @@ class UploadSessions:
 
     async def _abort(self, durable: _Durable, lease: Any, why: str) -> None:
         record = durable.record
+        # After ``committing``, a manifest naming the chunks may still land (an earlier commit
+        # whose outcome was unknown): then they are left for gc, which judges by the manifests.
+        may_be_named = record.state is UploadState.COMMITTING
         record.state = UploadState.ABORTED
         record.finished = self._clock()
         await self._put_record(durable, lease)
         self._live.discard(record.id)
         self.stats.aborted += 1
         log.warning("upload %s aborted: %s", record.id, why)
-        await self._delete_data(record, lease)
+        if may_be_named:
+            await self._remove([k async for k in self._keys(tail_prefix(record.id))], lease)
+        else:
+            await self._delete_data(record, lease)
 
     async def _mark_complete(self, durable: _Durable, lease: Any) -> None:
         record = durable.record
@@ -804,7 +866,9 @@ class UploadSessions:
         await self._put_record(durable, lease)
         self.stats.completed += 1
         self._live.discard(record.id)
-        await self._remove(durable.debris + [k async for k in self._keys(tail_prefix(record.id))], lease)
+        # Tails only: the version's chunks are the object's now (or were, and are deleted with
+        # it), and chunks left beyond them by a stale writer are unreferenced: gc takes them.
+        await self._remove([k async for k in self._keys(tail_prefix(record.id))], lease)
         durable.debris = []
         durable.tail = None
 

@@ -9,7 +9,8 @@ origin's localStorage (tus-js-client's fingerprint + URL storage). The gateway's
 show the resume — a HEAD answering a non-zero offset and the next PATCH starting there — and the
 stored object must be byte-exact. The app's pre-create hook (a receiver in the test) admits the
 upload because the page passes the app's session in an ``X-App-Session`` header, and is asked
-once: resuming is not creating.
+once: resuming is not creating. Once committed, the app hears of it exactly once: one post-finish
+naming the version, the upload id and the page's tus metadata.
 
 Chromium's network emulation slows the upload down (as a real uplink would), so the reload
 reliably lands mid-upload.
@@ -17,6 +18,7 @@ reliably lands mid-upload.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import random
@@ -97,7 +99,9 @@ async def test_browser_upload_resumes_after_a_reload_from_the_stored_offset(
     key = "browser/holiday.mp4"
     caplog.set_level(logging.INFO, logger="chunkgate.access")
     # The app's pre-create hook admits only its own signed-in users: the page passes the session.
-    receiver = HookReceiver(lambda e: (200, "") if e["headers"].get("X-App-Session") == "s3cret" else (401, "sign in"))
+    # Its post-finish handler hears of the finished upload (the app would start transcoding).
+    receiver = HookReceiver(lambda e: (204, "") if e["type"] != "pre-create"
+                            else (200, "") if e["headers"].get("X-App-Session") == "s3cret" else (401, "sign in"))
     async with receiver, \
             in_process_gateway(ServeConfig(cors_origins=app_origin, hook_url=receiver.url),
                                backend=FsBackend(tmp_path / "store")) as (gateway, app), \
@@ -126,12 +130,22 @@ async def test_browser_upload_resumes_after_a_reload_from_the_stored_offset(
             assert resp.status == 200
             assert resp.headers["Content-Type"] == "video/mp4"
             body = await resp.read()
+        async with aiohttp.ClientSession() as http, http.get(f"{gateway}/objects/{key}?manifest") as resp:
+            version = (await resp.json())["version"]
         stats = app["uploads"].stats
+        for _ in range(200):  # delivered right after the commit, by the gateway's outbox
+            if receiver.of_type("post-finish"):
+                break
+            await asyncio.sleep(0.05)
 
     assert len(body) == SIZE and hashlib.sha256(body).digest() == hashlib.sha256(data).digest()
     (asked,) = receiver.of_type("pre-create")  # once: resuming is not creating
     assert asked["key"] == key and asked["size"] == SIZE and asked["headers"]["X-App-Session"] == "s3cret"
     assert report["resumedFrom"].endswith("/uploads/" + asked["upload_id"])
+    (finished,) = receiver.of_type("post-finish")  # one upload, one commit, one event
+    assert (finished["key"], finished["size"], finished["version"]) == (key, SIZE, version)
+    assert finished["upload_id"] == asked["upload_id"] and finished["content_type"] == "video/mp4"
+    assert finished["metadata"] == {"key": key, "filetype": "video/mp4"}  # the page's tus metadata
     requests = tus_requests(caplog.records)
     creates = [r for r in requests if r[0] == "POST"]
     assert len(creates) == 1, requests  # the reloaded page created no second upload

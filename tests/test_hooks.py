@@ -19,9 +19,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.app import outbox_options
 from gateway.config import ConfigError, ServeConfig, parse_serve_args
 from gateway.hooks import Outcome, classify, forwarded_headers, pre_create_event, refusal_message
 from storage.backends.fs import FsBackend
+from storage.manifests import ManifestStore
 from tests.support.gateway import in_process_gateway
 from tests.support.hooks import HookReceiver
 
@@ -90,6 +92,23 @@ def test_a_hook_url_that_is_not_http_is_a_config_error(url: str) -> None:
         parse_serve_args(["--hook-url", url], environ={})
 
 
+@pytest.mark.parametrize("flag", ["--hook-retry-max", "--hook-scan-interval"])
+@pytest.mark.parametrize("value", ["0", "0s", "0.0ms", "soon"])
+def test_hook_delivery_timings_must_be_positive_durations(flag: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        parse_serve_args(["--hook-url", "http://app/hooks", flag, value], environ={})
+
+
+@pytest.mark.parametrize(
+    "argv,retry_cap,interval",
+    [([], 60.0, 5.0), (["--hook-retry-max", "5s", "--hook-scan-interval", "500ms"], 5.0, 0.5)],
+)
+def test_hook_delivery_timings_reach_the_outbox(argv: list[str], retry_cap: float, interval: float) -> None:
+    options = outbox_options(parse_serve_args(["--hook-url", "http://app/hooks", *argv], environ={}))
+    # A pointer older than one scan is any gateway's to deliver (its own gateway delivered at once).
+    assert (options.retry_cap, options.interval, options.takeover_after) == (retry_cap, interval, interval)
+
+
 def test_hook_url_comes_from_the_environment_too() -> None:
     assert parse_serve_args([], environ={"CHUNKGATE_HOOK_URL": "http://app:9000/hooks"}).hook_url == "http://app:9000/hooks"
     assert parse_serve_args([], environ={"CHUNKGATE_HOOK_URL": ""}).hook_url is None
@@ -127,9 +146,12 @@ async def store_root(tmp_path: Path) -> Path:
 @pytest.fixture
 async def gateway(store_root: Path) -> AsyncIterator[tuple[str, HookReceiver, aiohttp.ClientSession]]:
     """A gateway on an fs store whose pre-create hook refuses keys under ``private/`` with 403 and
-    anything without the app's session header with 401 (the body says why)."""
+    anything without the app's session header with 401 (the body says why); post-* events are
+    acknowledged."""
 
     def respond(event: dict[str, Any]) -> tuple[int, str]:
+        if event["type"] != "pre-create":
+            return 204, ""
         if event["headers"].get("X-App-Session") != "alice":
             return 401, "no app session"
         if event["key"].startswith("private/"):
@@ -137,7 +159,7 @@ async def gateway(store_root: Path) -> AsyncIterator[tuple[str, HookReceiver, ai
         return 200, "ok"
 
     async with HookReceiver(respond) as receiver:
-        cfg = ServeConfig(chunk_size=64 * 1024, hook_url=receiver.url, hook_timeout=2.0)
+        cfg = ServeConfig(chunk_size=64 * 1024, hook_url=receiver.url, hook_timeout=2.0, hook_scan_interval=0.2)
         async with in_process_gateway(cfg, backend=FsBackend(store_root)) as (base, _app), aiohttp.ClientSession() as http:
             yield base, receiver, http
 
@@ -267,10 +289,74 @@ async def test_a_hook_that_cannot_say_yes_fails_uploads_closed_with_503(failure:
             assert (await deliveries(http, base))[("pre-create", "error")] == 2
 
 
-async def test_without_a_hook_url_nothing_is_asked(tmp_path: Path) -> None:
+async def test_without_a_hook_url_nothing_is_asked_and_nothing_is_recorded(tmp_path: Path) -> None:
+    """No app: no pre-create, and commits carry no events (nobody would ever deliver them)."""
     async with HookReceiver(lambda e: (403, "no")) as receiver:
         async with in_process_gateway(ServeConfig(), backend=FsBackend(tmp_path / "s")) as (base, _), \
                 aiohttp.ClientSession() as http:
-            async with http.put(f"{base}/objects/a", data=b"x") as resp:
-                assert resp.status == 201
+            for key in ("a", "b"):
+                async with http.put(f"{base}/objects/{key}", data=b"x") as resp:
+                    assert resp.status == 201
+            headers = {**TUS, "Upload-Length": "5", "Upload-Metadata": tus_metadata(key="t")}
+            async with http.post(f"{base}/uploads/", headers=headers) as resp:
+                location = resp.headers["Location"]
+            async with http.patch(location, data=b"abcde", headers={**TUS, "Upload-Offset": "0",
+                                                                    "Content-Type": "application/offset+octet-stream"}) as resp:
+                assert resp.status == 204
+            async with http.delete(f"{base}/objects/a") as resp:
+                assert resp.status == 204
     assert receiver.events == []
+    assert not [f for f in stored_files(tmp_path / "s") if f.startswith("o/")]
+    records = ManifestStore(FsBackend(tmp_path / "s"))
+    for key in ("b", "t"):
+        current = await records.read(key)
+        assert current is not None and current.manifest is not None and current.events == ()
+    tombstone = await records.read("a")
+    assert tombstone is not None and tombstone.manifest is None and tombstone.events == ()  # gc's to remove
+
+
+async def test_put_tus_and_delete_announce_themselves_to_the_app(
+    gateway: tuple[str, HookReceiver, aiohttp.ClientSession], store_root: Path
+) -> None:
+    base, receiver, http = gateway
+    async with http.put(f"{base}/objects/public/a.mp4", data=b"hello", headers={"X-App-Session": "alice"}) as resp:
+        assert resp.status == 201
+        put = await resp.json()
+    headers = {**TUS, "Upload-Length": "5", "X-App-Session": "alice",
+               "Upload-Metadata": tus_metadata(key="public/t.webm", filetype="video/webm", title="été")}
+    async with http.post(f"{base}/uploads/", headers=headers) as resp:
+        location = resp.headers["Location"]
+    async with http.patch(location, data=b"abcde", headers={**TUS, "Upload-Offset": "0",
+                                                            "Content-Type": "application/offset+octet-stream"}) as resp:
+        assert resp.status == 204
+    async with http.get(f"{base}/objects/public/t.webm?manifest") as resp:
+        tus_version = (await resp.json())["version"]
+    async with http.delete(f"{base}/objects/public/a.mp4") as resp:
+        assert resp.status == 204
+
+    def pointers() -> list[str]:
+        return [f for f in stored_files(store_root) if f.startswith("o/")]
+
+    for _ in range(400):  # delivered at once; the pointers go with the next scan
+        if len(receiver.of_type("post-finish") + receiver.of_type("post-delete")) == 3 and not pointers():
+            break
+        await asyncio.sleep(0.05)
+    finished = {e["key"]: e for e in receiver.of_type("post-finish")}
+    fields = {"id", "type", "time", "key", "size", "etag", "version", "content_type", "upload_id", "metadata"}
+    assert set(finished) == {"public/a.mp4", "public/t.webm"} and all(set(e) == fields for e in finished.values())
+    assert {k: finished["public/a.mp4"][k] for k in ("size", "etag", "version", "content_type", "upload_id", "metadata")} == \
+        {"size": 5, "etag": put["etag"], "version": put["version"], "content_type": "video/mp4", "upload_id": None,
+         "metadata": {}}
+    tus = finished["public/t.webm"]
+    assert location.endswith("/uploads/" + tus["upload_id"]) and tus["version"] == tus_version
+    assert tus["metadata"] == {"key": "public/t.webm", "filetype": "video/webm", "title": "été"}
+    assert tus["content_type"] == "video/webm" and tus["size"] == 5
+    (deleted,) = receiver.of_type("post-delete")
+    assert set(deleted) == {"id", "type", "time", "key", "version"}
+    assert (deleted["key"], deleted["version"]) == ("public/a.mp4", put["version"])
+    assert datetime.fromisoformat(deleted["time"].replace("Z", "+00:00")).utcoffset().total_seconds() == 0  # RFC 3339, UTC
+    assert pointers() == []  # the outbox emptied
+    tombstone = await ManifestStore(FsBackend(store_root)).read("public/a.mp4")
+    assert tombstone is not None and tombstone.manifest is None and tombstone.events == ()  # delivered; gc's to remove
+    counts = await deliveries(http, base)
+    assert counts[("post-finish", "ok")] == 2 and counts[("post-delete", "ok")] == 1

@@ -1,13 +1,13 @@
 """storage.outbox: post-* events recorded with their commits are delivered at least once, in
 commit order per key, and the outbox empties.
 
-The processor runs over a real backend (memory, and an fs directory for the crash test) and real
-locks. Commits follow the agreed protocol — pointer first, then the conditional write of the
-record with the event appended — through ``JsonRecords`` below, a small stand-in for the commit
-component's event half (``storage.manifests`` on main supersedes it; the end-to-end tests in
-tests/test_hooks_delivery.py use the real gateway). Deliveries go to a real hook receiver through
-the gateway's real hook client where the HTTP side matters, and to plain callables where a test
-needs to stop a delivery at an exact point.
+Commits are the real ones: ``ObjectStore.put(event=...)`` / ``ObjectStore.delete(event=...)``
+over a real backend (memory; an fs directory where a crash and a second process are played), so
+the events, the pointers and the records are what ``storage.manifests`` writes. The processor
+uses real locks (in-process, or store leases for two gateways). Deliveries go to a real hook
+receiver through the gateway's real hook client where the HTTP side matters, and to plain
+callables where a test needs to stop a delivery at an exact point. The end-to-end tests with real
+gateway processes are in tests/test_hooks_delivery.py.
 """
 
 from __future__ import annotations
@@ -15,20 +15,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
-from dataclasses import dataclass
-from typing import Any, Sequence
+import os
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
 
 import pytest
 
-from gateway.hooks import HookClient, Outcome
-from storage.backends.base import Backend, NotFound, PreconditionFailed
+from gateway.hooks import HookClient, delivered
+from storage import keys
+from storage.backends.base import Backend, PermanentError
 from storage.backends.fs import FsBackend
 from storage.backends.memory import MemoryBackend
+from storage.errors import StoreFailed
+from storage.gc import collect
 from storage.leases import StoreLockManager
 from storage.locks import LockManager
+from storage.manifests import Outcome as CommitOutcome
+from storage.objects import ObjectStore, StoreOptions
 from storage.outbox import (
-    POINTER_PREFIX,
     Outbox,
     OutboxOptions,
     Pointer,
@@ -37,39 +41,33 @@ from storage.outbox import (
     delivery_lock,
     event_time,
     judge_pointer,
-    metadata_map,
     parse_pointer,
     parse_pointer_name,
-    pointer_body,
-    pointer_key,
-    post_delete_event,
-    post_finish_event,
 )
 from tests.support.hooks import HookReceiver
 
 pytestmark = pytest.mark.timeout(60)
 
 FAST = OutboxOptions(interval=0.05, takeover_after=0.0, horizon=3600.0, retry_base=0.01, retry_cap=0.05)
+POST_FINISH = {"type": "post-finish", "metadata": {}}
+
+
+def pointer_doc(key: Any, event: Any, replaces: Any = None) -> bytes:
+    return json.dumps({"key": key, "event": event, "replaces": replaces}).encode()
 
 
 # ------------------------------------------------------------------------------ pure parts
-def test_pointer_names_carry_time_and_event_id() -> None:
-    name = pointer_key("e1f2", 1_764_000_000.123)
-    assert name == "o/" + format(1_764_000_000_123, "013x") + "-e1f2"
-    assert parse_pointer_name(name) == (1_764_000_000.123, "e1f2")
-    assert sorted([pointer_key("b", 2.0), pointer_key("a", 10.0)]) == [pointer_key("b", 2.0), pointer_key("a", 10.0)]
-
-
 @pytest.mark.parametrize(
     "name,body,ok",
     [
-        ("o/0000000000001-ev", pointer_body("k", "ev", None), True),
-        ("o/0000000000001-ev", pointer_body("k", "ev", '"etag"'), True),
-        ("o/0000000000001-ev", pointer_body("k", "other", None), False),  # body names another event
+        ("o/0000000000001-ev", pointer_doc("k", "ev"), True),
+        ("o/0000000000001-ev", pointer_doc("k", "ev", '"etag"'), True),
+        ("o/0000000000001-ev", pointer_doc("k", "other"), False),  # body names another event
         ("o/0000000000001-ev", b"not json", False),
-        ("o/0000000000001-ev", json.dumps({"key": 1, "event": "ev"}).encode(), False),
-        ("o/1-ev", pointer_body("k", "ev", None), False),  # not 13 hex digits
-        ("m/0000000000001-ev", pointer_body("k", "ev", None), False),
+        ("o/0000000000001-ev", pointer_doc(1, "ev"), False),
+        ("o/0000000000001-ev", pointer_doc("k", "ev", 7), False),
+        ("o/1-ev", pointer_doc("k", "ev"), False),  # not 13 hex digits
+        ("m/0000000000001-ev", pointer_doc("k", "ev"), False),
     ],
 )
 def test_parse_pointer(name: str, body: bytes, ok: bool) -> None:
@@ -109,104 +107,41 @@ def test_backoff_is_exponential_capped_and_fully_jittered(attempt: int, rand: fl
     assert backoff_delay(attempt, base=0.5, cap=60.0, rand=lambda: rand) == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize(
-    "raw,expected",
-    [
-        ("key dmlkZW9zL2EubXA0,filetype dmlkZW8vbXA0", {"key": "videos/a.mp4", "filetype": "video/mp4"}),
-        ("key dmlkZW9zL2EubXA0,is_private", {"key": "videos/a.mp4", "is_private": ""}),
-        ("name w6l0w6k=", {"name": "été"}),
-        ("", {}),
-        (None, {}),
-    ],
-)
-def test_metadata_map_is_the_tus_metadata_as_strings(raw: str | None, expected: dict[str, str]) -> None:
-    assert metadata_map(raw) == expected
-
-
-def test_post_events_have_the_api_fields() -> None:
-    put = post_finish_event(key="v/a.mp4", size=10, etag='"e"', version="v1", content_type="video/mp4")
-    assert set(put) == {"id", "type", "time", "key", "size", "etag", "version", "content_type", "upload_id", "metadata"}
-    assert put["type"] == "post-finish" and put["upload_id"] is None and put["metadata"] == {}
-    assert put["time"].endswith("Z") and event_time(put) is not None
-    tus = post_finish_event(key="v/a.mp4", size=10, etag='"e"', version="v1", content_type="video/mp4",
-                            upload_id="u" * 32, metadata={"key": "v/a.mp4"})
-    assert tus["upload_id"] == "u" * 32 and tus["metadata"] == {"key": "v/a.mp4"} and tus["id"] != put["id"]
-    deleted = post_delete_event(key="v/a.mp4", version="v1")
-    assert set(deleted) == {"id", "type", "time", "key", "version"} and deleted["type"] == "post-delete"
-    assert parse_pointer_name(pointer_key(put["id"], 1.0)) == (1.0, put["id"])  # ids fit pointer names
-
-
 def test_delivery_lock_never_names_an_object_keys_lock() -> None:
-    from storage.keys import BadKey, validate_key
-
-    with pytest.raises(BadKey):
-        validate_key(delivery_lock("videos/a.mp4"))
+    with pytest.raises(keys.BadKey):
+        keys.validate_key(delivery_lock("videos/a.mp4"))
 
 
-# ------------------------------------------------------------------------------ the commit side, as agreed
-@dataclass(frozen=True)
-class Current:
-    key: str
-    etag: str
-    events: tuple[dict[str, Any], ...]
-    version: str
-    manifest: Any = "a manifest"  # the outbox only asks whether it is a tombstone (None)
+# ------------------------------------------------------------------------------ the commit side, for real
+def make_store(backend: Backend, locks: Any = None, *, clock: Callable[[], float] | None = None) -> ObjectStore:
+    options = StoreOptions(chunk_size=64 * 1024, cache_bytes=1 << 20, grace_seconds=3600)
+    extra = {"clock": clock} if clock is not None else {}
+    locks = locks if locks is not None else LockManager(stale_after=5, timeout=5)  # an idle Locker is falsy (len 0)
+    return ObjectStore(backend, locks, options, **extra)
 
 
-class JsonRecords:
-    """Records ``m/<key>`` = {"version", "events"} on a real backend, committed the agreed way."""
+async def body(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        self.committed: dict[str, list[str]] = {}  # key -> event ids in commit order
 
-    async def read(self, key: str) -> Current | None:
-        try:
-            blob = await self.backend.get(f"m/{key}")
-        except NotFound:
-            return None
-        doc = json.loads(blob.data)
-        return Current(key, blob.etag, tuple(doc["events"]), doc["version"])
+async def put(store: ObjectStore, key: str, size: int = 100) -> dict[str, Any]:
+    """PUT ``key`` announcing post-finish; the event the commit recorded (as the record holds it)."""
+    manifest = await store.put(key, body(os.urandom(size)), content_type="video/mp4", event=POST_FINISH)
+    return {"type": "post-finish", "version": manifest.version, "size": size, "etag": manifest.etag}
 
-    async def set_events(self, expected: Current, events: Sequence[dict[str, Any]]) -> str:
-        doc = {"version": expected.version, "events": list(events)}
-        try:
-            await self.backend.put(f"m/{expected.key}", json.dumps(doc).encode(), if_match=expected.etag)
-        except PreconditionFailed:
-            return "lost"
-        return "committed"
 
-    async def remove_tombstone(self, current: Current) -> bool:
-        return False  # no deletes here
+async def delete(store: ObjectStore, key: str) -> dict[str, Any]:
+    version = (await store.head(key, fresh=True)).version
+    await store.delete(key, event={})
+    return {"type": "post-delete", "version": version}
 
-    async def commit(self, key: str, *, land: bool = True, clock: float | None = None) -> dict[str, Any]:
-        """A post-finish commit: pointer first, then the conditional write (skipped with
-        ``land=False``: a crash between the two)."""
-        import time
 
-        while True:
-            current = await self.read(key)
-            version = uuid.uuid4().hex
-            event = {"id": uuid.uuid4().hex, "type": "post-finish", "key": key, "version": version,
-                     "time": "2026-12-01T10:00:00.000Z"}
-            await self.backend.put(pointer_key(event["id"], clock or time.time()),
-                                   pointer_body(key, event["id"], current.etag if current else None), if_none_match=True)
-            if not land:
-                return event
-            doc = {"version": version, "events": [*(current.events if current else ()), event]}
-            try:
-                if current is None:
-                    await self.backend.put(f"m/{key}", json.dumps(doc).encode(), if_none_match=True)
-                else:
-                    await self.backend.put(f"m/{key}", json.dumps(doc).encode(), if_match=current.etag)
-            except PreconditionFailed:
-                continue  # another commit won: this attempt's pointer is now undecidable-then-done
-            self.committed.setdefault(key, []).append(event["id"])
-            return event
+def signature(event: dict[str, Any]) -> tuple[str, str]:
+    return event["type"], event["version"]
 
 
 async def pointers(backend: Backend) -> list[str]:
-    return [info.key async for info in backend.list(POINTER_PREFIX)]
+    return [info.key async for info in backend.list(keys.OUTBOX_PREFIX)]
 
 
 async def until(predicate: Any, timeout: float = 20.0) -> None:
@@ -216,95 +151,182 @@ async def until(predicate: Any, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.02)
 
 
-def by_key(events: list[dict[str, Any]]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for e in events:
-        out.setdefault(e["key"], []).append(e["id"])
-    return out
-
-
-async def outbox_empty(backend: Backend, records: JsonRecords) -> bool:
-    if await pointers(backend):
+async def outbox_empty(store: ObjectStore) -> bool:
+    """No pointer, and no record (manifest or tombstone) carrying an event."""
+    if await pointers(store.backend):
         return False
-    for key in records.committed:
-        cur = await records.read(key)
-        if cur is not None and cur.events:
+    async for key in store.manifests.scan():
+        current = await store.manifests.read(key)
+        if current is not None and current.events:
             return False
     return True
 
 
+def by_key(events: list[dict[str, Any]]) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {}
+    for e in events:
+        out.setdefault(e["key"], []).append(signature(e))
+    return out
+
+
+async def test_what_a_commit_writes_is_what_the_outbox_reads() -> None:
+    """The writer (storage.manifests) and the reader (storage.outbox) agree on the pointer: its
+    name parses, it names the key and the event the record carries, and the event has API.md's fields."""
+    store = make_store(MemoryBackend())
+    committed = await put(store, "v/a.mp4")
+    (name,) = await pointers(store.backend)
+    pointer = parse_pointer(name, (await store.backend.get(name)).data)
+    record = await store.manifests.read("v/a.mp4")
+    assert pointer is not None and record is not None
+    (event,) = record.events
+    assert pointer.key == "v/a.mp4" and pointer.event_id == event["id"] and pointer.replaces is None
+    assert set(event) == {"id", "type", "time", "key", "size", "etag", "version", "content_type", "upload_id", "metadata"}
+    assert signature(event) == signature(committed) and event["upload_id"] is None and event["metadata"] == {}
+    assert event_time(event) == pytest.approx(parse_pointer_name(name)[0], abs=1.5)  # type: ignore[index]
+
+
 # ------------------------------------------------------------------------------ behaviour
 async def test_events_arrive_in_commit_order_per_key_and_the_outbox_empties() -> None:
-    backend = MemoryBackend()
-    records = JsonRecords(backend)
+    store = make_store(MemoryBackend())
+    committed: dict[str, list[tuple[str, str]]] = {}
     async with HookReceiver() as receiver:
         hooks = HookClient(receiver.url, timeout=2)
-        outbox = Outbox(backend, records, LockManager(), lambda e: _ok(hooks, e), options=FAST)
+        outbox = Outbox(store.backend, store.manifests, store.locks, lambda e: delivered(hooks, e), options=FAST)
         await outbox.start()
         try:
             for round_ in range(4):
                 for k in range(5):
-                    await records.commit(f"v/{k}.mp4")
+                    key = f"v/{k}.mp4"
                     if round_ % 2:
-                        outbox.kick(f"v/{k}.mp4")  # a kick delivers at once; the passes find the rest
-            await until(lambda: outbox_empty(backend, records))
+                        store.on_committed = outbox.kick  # kicks deliver at once; passes find the rest
+                    event = await (delete(store, key) if round_ == 2 and k % 2 else put(store, key))
+                    committed.setdefault(key, []).append(signature(event))
+                    store.on_committed = None
+            await until(lambda: outbox_empty(store))
         finally:
             await outbox.close()
             await hooks.close()
-    assert by_key(receiver.accepted) == records.committed  # each exactly once here, in commit order
+    assert by_key(receiver.accepted) == committed  # each exactly once here, in commit order
     assert outbox.oldest_age() == 0 and outbox.pending() == 0
-    assert hooks.stats.deliveries[("post-finish", "ok")] == 20
+    assert hooks.stats.deliveries[("post-finish", "ok")] == 18 and hooks.stats.deliveries[("post-delete", "ok")] == 2
 
 
-async def _ok(hooks: HookClient, event: Any) -> bool:
-    return (await hooks.deliver(event)) is Outcome.OK
+async def test_a_create_then_a_delete_empty_the_outbox_and_leave_the_tombstone_to_gc() -> None:
+    """create, then delete, both delivered at once by kicks: every pointer goes (the create's,
+    which names "no record" as the one it replaces, is judged against the tombstone), and the
+    tombstone stays, without events, for gc: the outbox never removes a record (an upload that
+    recorded "no record" as what it replaces must not find "no record" again, storage.manifests)."""
+    store = make_store(MemoryBackend())
+    async with HookReceiver() as receiver:
+        hooks = HookClient(receiver.url, timeout=2)
+        outbox = Outbox(store.backend, store.manifests, store.locks, lambda e: delivered(hooks, e), options=FAST)
+        store.on_committed = outbox.kick
+        await outbox.start()
+        try:
+            created = await put(store, "gone.mp4")
+            await until(lambda: asyncio.sleep(0, len(receiver.accepted) == 1))
+            deleted = await delete(store, "gone.mp4")
+            await until(lambda: outbox_empty(store))
+        finally:
+            await outbox.close()
+            await hooks.close()
+    assert [signature(e) for e in receiver.accepted] == [signature(created), signature(deleted)]
+    assert outbox.stats.pointers_expired == 0 and outbox.stats.pointers_done == 2
+    tombstone = await store.manifests.read("gone.mp4")
+    assert tombstone is not None and tombstone.manifest is None and tombstone.events == ()
+    await collect(store.backend, grace=0.0)  # gc takes it once its events are delivered
+    assert await store.manifests.read("gone.mp4") is None
+
+
+class PausesPointerDeletes(MemoryBackend):
+    """A store where deleting an outbox pointer takes until the test says so: the moment after a
+    drain's last read of the record, when a new commit of the key can still land unseen by it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deleting = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def delete(self, key: str, **kw: Any) -> None:
+        if key.startswith(keys.OUTBOX_PREFIX):
+            self.deleting.set()
+            await self.go_on.wait()
+        await super().delete(key, **kw)
+
+
+async def test_a_commit_landing_while_its_key_is_being_drained_is_delivered_at_once() -> None:
+    """A kick while the key's drain runs is not lost: the drain looks again when it ends (there
+    are no more passes here to find the event later)."""
+    backend = PausesPointerDeletes()
+    store = make_store(backend)
+    seen: list[tuple[str, str]] = []
+
+    async def deliver(event: Any) -> bool:
+        seen.append(signature(event))
+        return True
+
+    outbox = Outbox(backend, store.manifests, store.locks, deliver,
+                    options=OutboxOptions(interval=3600, takeover_after=0, retry_base=0.01, retry_cap=0.05))
+    first = await put(store, "k")
+    sweeping = asyncio.ensure_future(outbox.run_pass())  # delivers the first, then deletes its pointer
+    await asyncio.wait_for(backend.deleting.wait(), 10)
+    store.on_committed = outbox.kick
+    second = await put(store, "k")  # lands after the drain's last read of the record
+    backend.go_on.set()
+    try:
+        await sweeping
+        await until(lambda: asyncio.sleep(0, len(seen) == 2))
+    finally:
+        await outbox.close()
+    assert seen == [signature(first), signature(second)]
 
 
 async def test_an_application_that_fails_is_retried_with_backoff_until_it_answers_2xx() -> None:
-    backend = MemoryBackend()
-    records = JsonRecords(backend)
+    store = make_store(MemoryBackend())
     answers = iter([503, 500, 404, 503] + [204] * 100)  # a 4xx is retried too: the app must hear of every commit
     async with HookReceiver(lambda e: (next(answers), "")) as receiver:
         hooks = HookClient(receiver.url, timeout=2)
-        outbox = Outbox(backend, records, LockManager(), lambda e: _ok(hooks, e), options=FAST)
+        outbox = Outbox(store.backend, store.manifests, store.locks, lambda e: delivered(hooks, e), options=FAST)
+        store.on_committed = outbox.kick
         await outbox.start()
         try:
-            event = await records.commit("a")
-            outbox.kick("a")
-            await until(lambda: outbox_empty(backend, records))
+            await put(store, "a")
+            await until(lambda: outbox_empty(store))
         finally:
             await outbox.close()
             await hooks.close()
-    assert [e["id"] for e in receiver.events] == [event["id"]] * 5  # the same id every time
-    assert [e["id"] for e in receiver.accepted] == [event["id"]]
+    (event_id,) = {e["id"] for e in receiver.events}  # the same id every time
+    assert len(receiver.events) == 5 and [e["id"] for e in receiver.accepted] == [event_id]
     assert outbox.stats.failed_attempts == 4
     assert hooks.stats.deliveries[("post-finish", "error")] == 3 and hooks.stats.deliveries[("post-finish", "refused")] == 1
 
 
 async def test_while_the_application_is_down_the_oldest_age_grows_and_nothing_is_removed() -> None:
-    backend = MemoryBackend()
-    records = JsonRecords(backend)
     now = [1_000_000.0]
+    store = make_store(MemoryBackend(), clock=lambda: now[0])
     receiver = HookReceiver()
     await receiver.start()
     await receiver.stop()  # the port is known, nothing listens
     hooks = HookClient(receiver.url, timeout=1)
-    outbox = Outbox(backend, records, LockManager(), lambda e: _ok(hooks, e), options=FAST, clock=lambda: now[0])
+    outbox = Outbox(store.backend, store.manifests, store.locks, lambda e: delivered(hooks, e), options=FAST,
+                    clock=lambda: now[0])
     try:
-        first = await records.commit("a", clock=now[0])
-        await records.commit("b", clock=now[0] + 5)
-        now[0] += 60
+        first = await put(store, "a")
+        now[0] += 5
+        await put(store, "b")
+        now[0] += 55
         await outbox.run_pass()
         assert outbox.oldest_age() == pytest.approx(60, abs=0.01)
         assert outbox.pending() == 2
         now[0] += 240
         await outbox.run_pass()
         assert outbox.oldest_age() == pytest.approx(300, abs=0.01)
-        assert [e["id"] for e in (await records.read("a")).events] == [first["id"]]  # type: ignore[union-attr]
-        assert len(await pointers(backend)) == 2
+        record = await store.manifests.read("a")
+        assert record is not None and [signature(e) for e in record.events] == [signature(first)]
+        assert len(await pointers(store.backend)) == 2
         await receiver.start()  # the application is back
         await outbox.start()
-        await until(lambda: outbox_empty(backend, records))
+        await until(lambda: outbox_empty(store))
         assert outbox.oldest_age() == 0
     finally:
         await outbox.close()
@@ -313,88 +335,104 @@ async def test_while_the_application_is_down_the_oldest_age_grows_and_nothing_is
     assert sorted(e["key"] for e in receiver.accepted) == ["a", "b"]
 
 
-async def test_a_crash_after_a_delivery_redelivers_only_the_event_in_flight(tmp_path: Any) -> None:
-    backend = FsBackend(tmp_path / "store")
-    records = JsonRecords(backend)
-    seen: list[str] = []
+async def test_a_crash_after_a_delivery_redelivers_only_the_event_in_flight(tmp_path: Path) -> None:
+    store = make_store(FsBackend(tmp_path / "store"))
+    seen: list[tuple[str, str]] = []
     reached = asyncio.Event()
 
     async def dies_after_the_second(event: Any) -> bool:
-        seen.append(event["id"])
+        seen.append(signature(event))
         if len(seen) == 2:
             reached.set()
             await asyncio.Event().wait()  # the POST got through; the gateway dies before it hears back
         return True
 
-    events = [await records.commit("k") for _ in range(4)]
-    first = Outbox(backend, records, LockManager(), dies_after_the_second, options=FAST)
+    events = [signature(await put(store, "k")) for _ in range(4)]
+    first = Outbox(store.backend, store.manifests, store.locks, dies_after_the_second, options=FAST)
     first.kick("k")
     await asyncio.wait_for(reached.wait(), 10)
     await first.close()  # the process is gone; a new one starts over the same store
 
     async def fine(event: Any) -> bool:
-        seen.append(event["id"])
+        seen.append(signature(event))
         return True
 
-    second = Outbox(FsBackend(tmp_path / "store"), JsonRecords(FsBackend(tmp_path / "store")), LockManager(), fine,
-                    options=FAST)
+    again = make_store(FsBackend(tmp_path / "store"))
+    second = Outbox(again.backend, again.manifests, again.locks, fine, options=FAST)
     await second.start()
     try:
-        await until(lambda: outbox_empty(backend, records))
+        await until(lambda: outbox_empty(again))
     finally:
         await second.close()
-    ids = [e["id"] for e in events]
-    assert seen == [ids[0], ids[1], ids[1], ids[2], ids[3]]  # one redelivery, same id, order kept
+    assert seen == [events[0], events[1], events[1], events[2], events[3]]  # one redelivery, same id, order kept
+
+
+class RefusesRecordWrites(MemoryBackend):
+    """A store that accepts everything but writes of manifest records while ``refusing`` is set:
+    the commit's pointer is written and its record write never happens (as when the gateway died
+    between the two)."""
+
+    refusing = False
+
+    async def put(self, key: str, data: bytes, **kw: Any) -> str:
+        if self.refusing and key.startswith(keys.MANIFEST_PREFIX):
+            raise PermanentError("refused")
+        return await super().put(key, data, **kw)
 
 
 async def test_a_pointer_whose_commit_never_landed_delivers_nothing_and_expires(caplog: pytest.LogCaptureFixture) -> None:
-    backend = MemoryBackend()
-    records = JsonRecords(backend)
     now = [2_000_000.0]
-    delivered: list[Any] = []
+    backend = RefusesRecordWrites()
+    store = make_store(backend, clock=lambda: now[0])
+    delivered_: list[Any] = []
 
     async def deliver(event: Any) -> bool:
-        delivered.append(event)
+        delivered_.append(event)
         return True
 
-    outbox = Outbox(backend, records, LockManager(), deliver, options=FAST, clock=lambda: now[0])
-    await records.commit("a", land=False, clock=now[0])  # crashed between pointer and commit
+    outbox = Outbox(backend, store.manifests, store.locks, deliver, options=FAST, clock=lambda: now[0])
+    backend.refusing = True
+    with pytest.raises(StoreFailed):
+        await put(store, "a")
+    assert await store.manifests.read("a") is None
     await outbox.run_pass()
-    assert len(await pointers(backend)) == 1  # its commit might still land
+    assert len(await pointers(backend)) == 1  # its commit might still land, as far as anyone can tell
     assert outbox.pending() == 0 and outbox.oldest_age() == 0  # but nothing is known to be undelivered
     now[0] += 3601
     with caplog.at_level(logging.WARNING, logger="chunkgate.outbox"):
         await outbox.run_pass()
     assert await pointers(backend) == []
     assert "dropping outbox pointer" in caplog.text
-    assert delivered == [] and outbox.stats.pointers_expired == 1
+    assert delivered_ == [] and outbox.stats.pointers_expired == 1
     await outbox.close()
 
 
 async def test_a_pointer_whose_commit_lost_to_another_is_deleted_without_a_delivery() -> None:
-    backend = MemoryBackend()
-    records = JsonRecords(backend)
-    delivered: list[str] = []
+    store = make_store(MemoryBackend())
+    seen: list[str] = []
 
     async def deliver(event: Any) -> bool:
-        delivered.append(event["id"])
+        seen.append(event["version"])
         return True
 
-    winner = await records.commit("a")
-    # A second writer read the same record state as the winner (none), wrote its pointer, and
-    # then lost its conditional write: its pointer names `replaces: null` while the key exists.
-    loser_id = uuid.uuid4().hex
-    await backend.put(pointer_key(loser_id, 1.0), pointer_body("a", loser_id, None), if_none_match=True)
-    outbox = Outbox(backend, records, LockManager(), deliver, options=FAST)
+    winner = await put(store, "a")
+    record = await store.manifests.read("a")
+    assert record is not None and record.manifest is not None
+    # A second writer read the state before the winner (no record), wrote its pointer, and then
+    # lost its conditional write: its pointer names `replaces: null` while the key exists.
+    loser = store.announcement(POST_FINISH, record.manifest)
+    result = await store.manifests.commit("a", record.manifest, None, events=[loser])
+    assert result.outcome is CommitOutcome.LOST
+    assert len(await pointers(store.backend)) == 2
+    outbox = Outbox(store.backend, store.manifests, store.locks, deliver, options=FAST)
     await outbox.run_pass()
-    assert delivered == [winner["id"]]
-    assert await pointers(backend) == []
+    assert seen == [winner["version"]]  # the winner's event once; nothing for the loser
+    assert await pointers(store.backend) == []
     await outbox.close()
 
 
 async def test_two_gateways_over_one_store_deliver_a_keys_events_one_at_a_time_in_order() -> None:
     backend = MemoryBackend()
-    records = JsonRecords(backend)
     in_flight: set[str] = set()
     overlaps: list[str] = []
     seen: list[dict[str, Any]] = []
@@ -410,22 +448,27 @@ async def test_two_gateways_over_one_store_deliver_a_keys_events_one_at_a_time_i
         finally:
             in_flight.discard(event["key"])
 
-    gateways = [Outbox(backend, records, StoreLockManager(backend, stale_after=5, gateway=f"gw{i}"), deliver,
-                       options=FAST, owner=f"outbox-gw{i}") for i in range(2)]
-    for gw in gateways:
+    stores = [make_store(backend, StoreLockManager(backend, stale_after=5, gateway=f"gw{i}")) for i in range(2)]
+    gateways = [Outbox(backend, s.manifests, s.locks, deliver, options=FAST, owner=f"outbox-gw{i}")
+                for i, s in enumerate(stores)]
+    committed: dict[str, list[tuple[str, str]]] = {}
+    for store, gw in zip(stores, gateways):
+        store.on_committed = gw.kick
         await gw.start()
     try:
         for n in range(30):
-            await records.commit(f"k{n % 3}")
-            gateways[n % 2].kick(f"k{n % 3}")
-        await until(lambda: outbox_empty(backend, records))
+            key = f"k{n % 3}"
+            committed.setdefault(key, []).append(signature(await put(stores[n % 2], key)))
+        await until(lambda: outbox_empty(stores[0]))
     finally:
         for gw in gateways:
             await gw.close()
+        for store in stores:
+            await store.locks.close()
     assert overlaps == []
-    for key, ids in records.committed.items():
-        got = [e["id"] for e in seen if e["key"] == key]
-        positions = [ids.index(i) for i in got]
+    for key, sigs in committed.items():
+        got = [signature(e) for e in seen if e["key"] == key]
+        positions = [sigs.index(s) for s in got]
         assert positions == sorted(positions), (key, positions)  # never backwards
-        assert set(got) == set(ids)
+        assert set(got) == set(sigs)
     assert sum(gw.stats.delivered for gw in gateways) == len(seen)
