@@ -61,7 +61,7 @@ async def test_a_repeated_listing_page_reads_no_manifest_and_a_changed_record_is
     assert "dir/010" not in by_key and len(third) == 39
     assert (by_key["dir/007"].size, by_key["dir/007"].content_type) == (5000, "text/plain")
     assert by_key["dir/007"].etag == (await writer.head("dir/007")).etag
-    assert backend.manifest_gets <= 2
+    assert backend.manifest_gets <= 4  # the records that changed, not all 40
 
 
 async def test_pages_continue_after_the_last_key_and_say_when_there_is_no_more() -> None:
