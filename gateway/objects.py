@@ -262,7 +262,17 @@ async def _serve(request: web.Request, store: ObjectStore, m: Manifest) -> web.S
     # Pull the first bytes before sending headers: a missing, corrupt or drifted first chunk is
     # then a clean error status instead of a broken body.
     streams = [store.read(m, p.start, p.end) for p in parts]
-    first = await _first_piece(streams[0]) if parts[0].end > parts[0].start else None
+    try:
+        first = await _first_piece(request, streams[0]) if parts[0].end > parts[0].start else None
+    except BaseException as exc:
+        # Gone before the first byte (or the first chunk failed): give up the read-ahead now.
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+        if isinstance(exc, ConnectionResetError):
+            log.debug("client closed the connection to %r before the first byte", m.key)
+            request["chunkgate.bytes_sent"] = 0
+            return web.Response(status=status, headers=headers)  # nobody is left to read it
+        raise
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = length
     await response.prepare(request)
@@ -297,11 +307,33 @@ async def _serve(request: web.Request, store: ObjectStore, m: Manifest) -> web.S
     return response
 
 
-async def _first_piece(stream: AsyncIterator[bytes]) -> bytes | None:
+async def _first_piece(request: web.Request, stream: AsyncIterator[bytes]) -> bytes | None:
+    """The first piece of the body, or ``ConnectionResetError`` if the client leaves first.
+
+    aiohttp does not cancel a handler when its client disconnects (handler cancellation is off,
+    and must stay off for uploads), and until the first write nothing else notices: a GET that
+    disconnects at once would wait out its first chunk and read-ahead. Polling the transport
+    while the first chunk comes lets the read give its fetches up (the store stops sending)."""
+    task = asyncio.ensure_future(stream.__anext__())
     try:
-        return await stream.__anext__()
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_GONE_POLL)
+            if done:
+                return task.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                raise ConnectionResetError("the client went away before the first byte")
     except StopAsyncIteration:
         return None
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+
+
+_GONE_POLL = 0.005  # seconds between checks for a client that left before the first byte
 
 
 async def _write(response: web.StreamResponse, data: Any) -> int:

@@ -193,10 +193,15 @@ class ManifestStore:
 
     async def scan(self, prefix: str = "", *, start_after: str | None = None) -> AsyncIterator[str]:
         """The object keys that have a record (manifest or tombstone), in key order."""
+        async for key, _etag in self.scan_records(prefix, start_after=start_after):
+            yield key
+
+    async def scan_records(self, prefix: str = "", *, start_after: str | None = None) -> AsyncIterator[tuple[str, str]]:
+        """``scan``, with each record's store ETag as the listing reports it (storage.listing)."""
         after = keys.manifest_key(start_after) if start_after is not None else None
         try:
             async for info in self.backend.list(keys.manifest_key(prefix), start_after=after):
-                yield keys.object_key_of_manifest(info.key)
+                yield keys.object_key_of_manifest(info.key), info.etag
         except (TransientError, PermanentError) as exc:
             raise from_backend(exc, "listing manifests") from exc
 

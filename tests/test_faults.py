@@ -129,12 +129,12 @@ class Flaky:
             raise step[1]
         return etag
 
-    async def get(self, key: str, *, start: int = 0, end: int | None = None) -> Any:
+    async def get(self, key: str, *, start: int = 0, end: int | None = None, view: bool = False) -> Any:
         self.calls.append("get")
         step = await self._step()
         if isinstance(step, BaseException):
             raise step
-        return await self.inner.get(key, start=start, end=end)
+        return await self.inner.get(key, start=start, end=end, view=view)
 
     async def head(self, key: str) -> Any:
         self.calls.append("head")

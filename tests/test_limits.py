@@ -27,13 +27,13 @@ class Gated(MemoryBackend):
         self.peak = 0
         self.order: list[str] = []
 
-    async def get(self, key: str, *, start: int = 0, end: int | None = None) -> Any:
+    async def get(self, key: str, *, start: int = 0, end: int | None = None, view: bool = False) -> Any:
         self.order.append(key)
         self.running += 1
         self.peak = max(self.peak, self.running)
         try:
             await self.gate.wait()
-            return await super().get(key, start=start, end=end)
+            return await super().get(key, start=start, end=end, view=view)
         finally:
             self.running -= 1
 

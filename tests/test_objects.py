@@ -9,6 +9,7 @@ import os
 from typing import AsyncIterator
 
 import pytest
+import xxhash
 
 from storage import keys
 from storage.backends.base import TransientError
@@ -322,10 +323,10 @@ class RangeRecordingBackend(MemoryBackend):
         super().__init__()
         self.chunk_reads: list[tuple[int, int | None]] = []
 
-    async def get(self, key, *, start=0, end=None):  # type: ignore[no-untyped-def]
+    async def get(self, key, *, start=0, end=None, view=False):  # type: ignore[no-untyped-def]
         if key.startswith(keys.CHUNK_PREFIX):
             self.chunk_reads.append((start, end))
-        return await super().get(key, start=start, end=end)
+        return await super().get(key, start=start, end=end, view=view)
 
 
 async def test_a_cold_seek_fetches_and_verifies_only_the_blocks_it_touches() -> None:
@@ -339,12 +340,16 @@ async def test_a_cold_seek_fetches_and_verifies_only_the_blocks_it_touches() -> 
     got = b"".join([bytes(p) async for p in store.read(m, start, start + 4096)])
     assert got == data[start:start + 4096]
     assert backend.chunk_reads == [(block, 2 * block)]  # one block, not the 64 KiB chunk
+    # The verified block is kept: another small read in it costs the store nothing.
+    again = b"".join([bytes(p) async for p in store.read(m, start + 5000, start + 6000)])
+    assert again == data[start + 5000:start + 6000] and backend.chunk_reads == [(block, 2 * block)]
 
     # Same size, other bytes in that block (the reused-buffer corruption): rejected, not served.
     ck = keys.chunk_key("v", m.version, 1)
     bad = bytearray(data[CHUNK:2 * CHUNK])
     bad[block + 5] ^= 0xFF
     await backend.put(ck, bytes(bad))
+    store.cache.clear()
     from storage.errors import ChunkRejected
     with pytest.raises(ChunkRejected):
         async for _ in store.read(m, start, start + 4096):
@@ -359,8 +364,9 @@ async def test_the_manifest_records_block_hashes_that_survive_a_json_round_trip(
     again = Manifest.from_json(m.to_json())
     assert again.block_size == 16 * 1024 and again.chunks == m.chunks
     last = m.chunks[-1]
-    assert last.blocks == (hashlib.sha256(data[CHUNK:CHUNK + 16384]).hexdigest(),
-                           hashlib.sha256(data[CHUNK + 16384:]).hexdigest())
+    assert m.block_hash == "xxh3-128" and last.sha256 == hashlib.sha256(data[CHUNK:]).hexdigest()
+    assert last.blocks == (xxhash.xxh3_128_hexdigest(data[CHUNK:CHUNK + 16384]),
+                           xxhash.xxh3_128_hexdigest(data[CHUNK + 16384:]))
 
 
 async def test_concurrent_cold_reads_of_one_manifest_cost_one_store_read() -> None:

@@ -5,6 +5,7 @@ termination, and the expiry sweep. tuspy is synchronous (requests), so it runs i
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import io
@@ -14,6 +15,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 import pytest
 import requests
+import xxhash
 from tusclient import client as tus_client
 from tusclient.exceptions import TusCommunicationError
 
@@ -65,7 +67,9 @@ async def test_tuspy_full_upload_in_several_patches(gw: Any, tmp_path: Path) -> 
     for c in doc["chunks"]:
         data = body[c["offset"]:c["offset"] + c["size"]]
         bs = doc["block_size"]
-        assert c["blocks"] == [hashlib.sha256(data[i:i + bs]).hexdigest() for i in range(0, len(data), bs)]
+        assert doc["block_hash"] == "xxh3-128" and c["sha256"] == hashlib.sha256(data).hexdigest()
+        assert base64.b64decode(c["block_digests"]) == b"".join(
+            xxhash.xxh3_128_digest(data[i:i + bs]) for i in range(0, len(data), bs))
 
 
 async def test_tuspy_upload_with_checksums(gw: Any, tmp_path: Path) -> None:

@@ -28,7 +28,57 @@ def draw_all(result: dict[str, Any], outdir: Path) -> list[Path]:
         written.append(seek_latency(scenarios["seek"], outdir / "seek_latency.png"))
     if "put" in scenarios:
         written.append(put_rss(scenarios["put"], outdir / "put_rss.png"))
+    if result.get("cpu"):
+        written.append(cpu_per_gib(result["cpu"], outdir / "cpu.png"))
+    if "amplify" in scenarios:
+        written.append(amplification(scenarios["amplify"], outdir / "amplification.png"))
     return written
+
+
+def cpu_per_gib(cpu: dict[str, Any], path: Path) -> Path:
+    """CPU-seconds per GiB moved: the gateway process beside each peer's own process."""
+    rows: list[tuple[str, float, str]] = []
+    for name, doc in cpu.items():
+        rows.append((f"{name}: chunkgate", doc["chunkgate"]["median"], "tab:blue"))
+        rows.extend((f"{name}: {peer}", series["median"], "0.6") for peer, series in doc.items() if peer != "chunkgate")
+    fig, ax = plt.subplots(figsize=(9, 0.4 * max(len(rows), 1) + 1.5))
+    for y, (label, value, colour) in enumerate(rows):
+        ax.barh(y, value, color=colour)
+        ax.text(value, y, f" {value:.2f}", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(1.5, color="tab:red", linestyle=":", linewidth=1, label="PUT / cold GET goal 1.5")
+    ax.axvline(0.25, color="tab:orange", linestyle=":", linewidth=1, label="warm GET goal 0.25")
+    ax.set_xlabel("CPU-seconds per GiB (utime+stime from /proc, median of the runs)")
+    ax.set_title("CPU per byte: the gateway process and each peer's process")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def amplification(amp: dict[str, Any], path: Path) -> Path:
+    """Store bytes per byte served, per read pattern (1.0 = the store sent what was served)."""
+    rows = [("sequential GET", amp["sequential"]["ratio"]),
+            (f"{amp['cache_pressure']['readers']} readers, working set > cache", amp["cache_pressure"]["ratio"]),
+            (f"16-part multi-range, over {amp['multi_range']['repeats']} repeats", amp["multi_range"]["ratio_all"]),
+            ("16-part multi-range, first request", amp["multi_range"]["ratio_first"])]
+    fig, ax = plt.subplots(figsize=(8, 3))
+    for y, (label, value) in enumerate(rows):
+        ax.barh(y, value, color="tab:blue")
+        ax.text(value, y, f" {value:g}x", va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(1.05, color="tab:red", linestyle=":", linewidth=1)
+    ax.set_xlabel("store bytes / bytes served (log); abandoned GET: "
+                  f"{amp['abandoned']['store_bytes_per_get']} store bytes each")
+    ax.set_title("read amplification")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def ratios(result: dict[str, Any], path: Path) -> Path:
@@ -101,7 +151,8 @@ def seek_latency(seek: dict[str, Any], path: Path) -> Path:
     """Latency CDF of cold 64 KiB ranged reads: chunkgate vs straight from the store."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, label, colour in (("chunkgate", "chunkgate cold", "tab:blue"), ("chunkgate_same_chunk_repeat", "chunkgate, 2nd seek in the chunk", "tab:cyan"),
-                                ("direct", "direct from store", "0.5")):
+                                ("direct", "direct from store (one large object)", "0.5"),
+                                ("direct_from_chunk_object", "direct from the same 8 MiB chunk object", "0.75")):
         values = sorted(seek["samples_ms"].get(name, []))
         if values:
             ax.plot(values, [(n + 1) / len(values) for n in range(len(values))], label=label, color=colour)
@@ -109,6 +160,7 @@ def seek_latency(seek: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("ms per 64 KiB ranged GET (random offset)")
     ax.set_ylabel("fraction of requests")
     ax.set_title("seek probe latency")
+    ax.set_xlim(left=0.5)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

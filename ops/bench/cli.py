@@ -53,6 +53,11 @@ _SIZED: list[tuple[str, str, Any, Any]] = [
     ("--tus-chunk", "tus_chunk", parse_size, 8 * MiB),
     ("--lock-ops", "lock_ops", int, 20_000),
     ("--lock-waiters", "lock_waiters", int, 1000),
+    ("--pressure-readers", "pressure_readers", int, 6),
+    ("--pressure-size", "pressure_size", parse_size, 8 * MiB),
+    ("--list-keys", "list_keys", int, 30),
+    ("--abandoned-gets", "abandoned_gets", int, 2),
+    ("--multirange-repeats", "multirange_repeats", int, 4),
     ("--chunk-size", "chunk_size", parse_size, None),
     ("--write-concurrency", "write_concurrency", int, None),
     ("--cache-size", "cache_size", parse_size, None),
@@ -147,6 +152,9 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
     for t in result["targets"]:
         lines.append(f"{t['name'][:44]:44} {t['value']:>10.4g} ({t['metric']}) goal {t['goal_text']} "
                      f"{'yes' if t['met'] else 'NO'}")
+    for name, doc in result.get("cpu", {}).items():
+        peers = ", ".join(f"{k} {v['median']:.2f}" for k, v in doc.items() if k != "chunkgate")
+        lines.append(f"CPU-s/GiB {name[:34]:34} chunkgate {doc['chunkgate']['median']:.2f}" + (f"; {peers}" if peers else ""))
     lines.append(f"byte checks: {result['checks']}")
     if result["errors"]:
         lines.append(f"errors: {list(result['errors'])}")
@@ -190,6 +198,7 @@ def run(cfg: BenchConfig, ns: argparse.Namespace, out: Path) -> dict[str, Any]:
                 result["profiles"] = ctx.profiles
             result["comparisons"] = [c.to_json() for c in ctx.comparisons]
             result["targets"] = [t.to_json() for t in ctx.targets]
+            result["cpu"] = ctx.cpu
             result["checks"] = ctx.checks
             if ctx._gateway is not None and any("Traceback" in line for line in ctx.gateway.log_tail(2000).splitlines()):
                 result["gateway_log_has_tracebacks"] = True

@@ -9,6 +9,7 @@ This module must never assert on time: it measures, and verdicts are data in the
 from __future__ import annotations
 
 import hashlib
+import os
 import statistics
 import subprocess
 import threading
@@ -170,6 +171,40 @@ class RssSampler:
     @property
     def growth(self) -> int:
         return self.peak - self.baseline
+
+
+# ------------------------------------------------------------------------------ CPU per byte
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds a process has used so far (all its threads), from
+    ``/proc/PID/stat`` fields 14 and 15; ``None``: this process. Read before and after a timed
+    transfer, the difference is steadier than MiB/s on a shared machine."""
+    with open(f"/proc/{pid or 'self'}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # fields 14, 15 counted after "pid (comm)"
+
+
+class CpuMeter:
+    """CPU seconds of one process over a ``with`` block, as CPU-seconds per GiB moved."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.pid = pid
+        self.seconds = 0.0
+
+    def __enter__(self) -> Self:
+        self._start = cpu_seconds(self.pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = cpu_seconds(self.pid) - self._start
+
+    def per_gib(self, nbytes: int) -> float:
+        return self.seconds / (nbytes / GiB_BYTES)
+
+
+GiB_BYTES = 1024 ** 3
 
 
 # ------------------------------------------------------------------------------ statistics

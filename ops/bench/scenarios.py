@@ -14,6 +14,7 @@ import mmap
 import random
 import re
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -30,6 +31,7 @@ from ops.bench import procs
 from ops.bench.measure import (
     BenchFailure,
     Comparison,
+    CpuMeter,
     MiB,
     RssSampler,
     Series,
@@ -51,6 +53,7 @@ GiB = 1024 * MiB
 BYTES_READ = "chunkgate_backend_bytes_read_total"
 CACHE_HITS = "chunkgate_cache_hits_total"
 CACHE_MISSES = "chunkgate_cache_misses_total"
+STORE_REQUESTS = "chunkgate_backend_requests_total"
 
 
 @dataclass
@@ -73,6 +76,12 @@ class BenchConfig:
     tus_chunk: int = 32 * MiB
     lock_ops: int = 200_000
     lock_waiters: int = 1000
+    pressure_readers: int = 40  # concurrent readers of distinct objects, working set > cache
+    pressure_size: int = 16 * MiB
+    multirange_repeats: int = 8
+    abandoned_gets: int = 8
+    list_keys: int = 1000
+    block_sizes: list[int] = field(default_factory=lambda: [1 * MiB, 256 * KiB, 128 * KiB])
     chunk_size: int = 8 * MiB
     write_concurrency: int = 4
     cache_size: int = 256 * MiB
@@ -121,6 +130,7 @@ class Context:
     checks: dict[str, bool] = field(default_factory=dict)
     profile_dir: Path | None = None
     profiles: dict[str, Any] = field(default_factory=dict)
+    cpu: dict[str, dict[str, Any]] = field(default_factory=dict)  # CPU-s/GiB per transfer kind
     _files: dict[int, Path] = field(default_factory=dict)
 
     @property
@@ -239,6 +249,18 @@ def _compare(ctx: Context, name: str, metric: str, ours: Series, peer: Series, p
     ctx.comparisons.append(Comparison(name, metric, ours.median, peer.median, peer_name, goal, higher_is_better, note))
 
 
+def _cpu(ctx: Context, name: str, ours: Series, limit: float | None, peers: dict[str, Series] | None = None) -> None:
+    """Record the gateway's CPU-s/GiB for one kind of transfer (a Target when the issue sets a
+    limit) beside each peer's own process CPU for the same bytes."""
+    doc: dict[str, Any] = {"chunkgate": ours.to_json()}
+    for peer_name, series in (peers or {}).items():
+        doc[peer_name] = series.to_json()
+    ctx.cpu[name] = doc
+    if limit is not None:
+        ctx.targets.append(Target(f"{name} gateway CPU", "CPU-s/GiB (median)", ours.median, limit, False,
+                                  "utime+stime of the gateway process from /proc, per GiB moved"))
+
+
 # ------------------------------------------------------------------------------ 1. cold GET
 def cold_get(ctx: Context) -> dict[str, Any]:
     cfg, size = ctx.cfg, ctx.cfg.cold_size
@@ -248,24 +270,31 @@ def cold_get(ctx: Context) -> dict[str, Any]:
     for key in gw_keys:
         ctx.gw_put(key, size)
     ours, boto, curl_direct = Series("MiB/s"), Series("MiB/s"), Series("MiB/s")
+    ours_cpu, boto_cpu = Series("CPU-s/GiB"), Series("CPU-s/GiB")
     read_ratio: list[float] = []
 
     def peer(rep: int) -> None:
-        seconds, got = boto3_download(ctx.s3, ctx.raw_bucket, raw_key)
+        with CpuMeter() as cpu:
+            seconds, got = boto3_download(ctx.s3, ctx.raw_bucket, raw_key)
+        boto_cpu.values.append(cpu.per_gib(size))
         ctx.check("cold_get_sizes", got == size)
         boto.values.append(mib_per_s(size, seconds))
         curl_direct.values.append(mib_per_s(size, curl_get(ctx.raw_url(raw_key), expect_bytes=size)))
 
     def mine(rep: int) -> None:
         before = ctx.metric(BYTES_READ)
-        ours.values.append(mib_per_s(size, curl_get(ctx.gw_url(gw_keys[rep]), expect_bytes=size)))
+        with CpuMeter(ctx.gateway.pid) as cpu:
+            ours.values.append(mib_per_s(size, curl_get(ctx.gw_url(gw_keys[rep]), expect_bytes=size)))
+        ours_cpu.values.append(cpu.per_gib(size))
         read_ratio.append((ctx.metric(BYTES_READ) - before) / size)
 
     with ctx.profiled("cold"):
         alternate(cfg.reps, peer, mine)
     _compare(ctx, "cold GET vs boto3", "MiB/s", ours, boto, "boto3 download_fileobj", 1.0)
     _compare(ctx, "cold GET vs curl from store", "MiB/s", ours, curl_direct, "curl straight from SeaweedFS", None)
+    _cpu(ctx, "cold GET", ours_cpu, 1.5, {"boto3 download_fileobj client": boto_cpu})
     return {"size": size, "chunkgate_curl": ours.to_json(), "boto3_download_fileobj": boto.to_json(),
+            "chunkgate_cpu_s_per_gib": ours_cpu.to_json(), "boto3_client_cpu_s_per_gib": boto_cpu.to_json(),
             "curl_from_store": curl_direct.to_json(), "store_bytes_per_object_byte": [round(r, 4) for r in read_ratio]}
 
 
@@ -281,17 +310,30 @@ def warm_get(ctx: Context) -> dict[str, Any]:
     ctx.check("warm_get_sha256", digest == ctx.sha(size) and got == size)
     mem = procs.start_memserver(ctx.workdir, data_file=ctx.data_file(size))
     ours, bare = Series("MiB/s"), Series("MiB/s")
+    ours_cpu, bare_cpu = Series("CPU-s/GiB"), Series("CPU-s/GiB")
     misses_before = ctx.metric(CACHE_MISSES)
+
+    # /proc counts CPU in 10 ms ticks, ~3 for one warm 128 MiB GET: each rep's CPU figure is
+    # taken over enough GETs of the object to make a GiB.
+    rounds = max(1, GiB // size)
+
+    def timed(url: str, pid: int, speed: Series, cpu_series: Series) -> None:
+        speed.values.append(mib_per_s(size, curl_get(url, expect_bytes=size)))
+        with CpuMeter(pid) as cpu:
+            for _ in range(rounds):
+                curl_get(url, expect_bytes=size)
+        cpu_series.values.append(cpu.per_gib(size * rounds))
+
     try:
         with ctx.profiled("warm"):
-            alternate(cfg.reps,
-                      lambda rep: bare.values.append(mib_per_s(size, curl_get(mem.url + "/x", expect_bytes=size))),
-                      lambda rep: ours.values.append(mib_per_s(size, curl_get(ctx.gw_url(key), expect_bytes=size))))
+            alternate(cfg.reps, lambda rep: timed(mem.url + "/x", mem.pid, bare, bare_cpu),
+                      lambda rep: timed(ctx.gw_url(key), ctx.gateway.pid, ours, ours_cpu))
     finally:
         mem.stop()
     misses = ctx.metric(CACHE_MISSES) - misses_before
     ctx.check("warm_get_all_cache_hits", misses == 0)
     _compare(ctx, "warm GET vs bare aiohttp", "MiB/s", ours, bare, "bare aiohttp handler from memory", 0.6)
+    _cpu(ctx, "warm GET", ours_cpu, 0.25, {"bare aiohttp server process": bare_cpu})
     return {"size": size, "chunkgate_cache_hit": ours.to_json(), "bare_aiohttp": bare.to_json(),
             "cache_misses_during_timed_runs": misses}
 
@@ -418,6 +460,19 @@ def seek_probe(ctx: Context) -> dict[str, Any]:
     cold_ms: list[float] = []
     warm_ms: list[float] = []
     direct_ms: list[float] = []
+    chunk_direct_ms: list[float] = []
+    # The same bytes read straight from the chunk object the gateway reads them from: SeaweedFS
+    # answers a range from an 8 MiB object several times slower than from one large object
+    # (it reads small objects whole), so this says what the gateway itself adds.
+    versions = {key: json.loads(ctx.pool.request("GET", ctx.gw_url(key) + "?manifest").data)["version"] for key in gw_keys}
+
+    def chunk_direct(key: str, offset: int) -> None:
+        from storage import keys as store_keys
+
+        ck = store_keys.chunk_key(key, versions[key], offset // chunk)
+        ms, body, status = _timed_range(ctx.pool, f"{ctx.store.url}/{ctx.gw_bucket}/{ck}", offset % chunk, span)
+        ctx.check("seek_bytes_exact", status == 206 and body == data[offset : offset + span])
+        chunk_direct_ms.append(ms)
     hits0, misses0, read0 = ctx.metric(CACHE_HITS), ctx.metric(CACHE_MISSES), ctx.metric(BYTES_READ)
     with open(ctx.data_file(size), "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data, \
             ctx.profiled("seek"):
@@ -425,25 +480,34 @@ def seek_probe(ctx: Context) -> dict[str, Any]:
             if n % 2 == 0:
                 _seek_ours(ctx, data, key, cold_at, warm_at, cold_ms, warm_ms)
                 direct_ms.append(_seek_direct(ctx, data, raw_key, cold_at))
+                chunk_direct(key, warm_at)
             else:
                 direct_ms.append(_seek_direct(ctx, data, raw_key, cold_at))
                 _seek_ours(ctx, data, key, cold_at, warm_at, cold_ms, warm_ms)
+                chunk_direct(key, warm_at)  # always after ours: it must not warm the store for us
     hits, misses = ctx.metric(CACHE_HITS) - hits0, ctx.metric(CACHE_MISSES) - misses0
     read = ctx.metric(BYTES_READ) - read0
     for q in (50, 99):
         ctx.comparisons.append(Comparison(f"seek p{q} cold vs direct ranged GET", f"p{q} ms", percentile(cold_ms, q),
                                           percentile(direct_ms, q), "ranged GET straight from SeaweedFS (urllib3)",
                                           1.5, higher_is_better=False))
+    for q in (50, 99):
+        ctx.comparisons.append(Comparison(f"seek p{q} cold vs direct GET of the same chunk object", f"p{q} ms",
+                                          percentile(cold_ms, q), percentile(chunk_direct_ms, q),
+                                          "ranged GET straight from the 8 MiB chunk object in SeaweedFS", None,
+                                          higher_is_better=False))
     ctx.comparisons.append(Comparison("seek p50 same-chunk repeat vs direct", "p50 ms", percentile(warm_ms, 50),
                                       percentile(direct_ms, 50), "ranged GET straight from SeaweedFS (urllib3)",
                                       None, higher_is_better=False))
     return {"object_size": size, "objects": len(gw_keys), "range_bytes": span, "probes": len(probes),
             "manifest_warm": True,
             "chunkgate_cold": _latency(cold_ms), "chunkgate_same_chunk_repeat": _latency(warm_ms), "direct": _latency(direct_ms),
+            "direct_from_chunk_object": _latency(chunk_direct_ms),
             "chunkgate_cache_hits": hits, "chunkgate_cache_misses": misses,
             "chunkgate_store_bytes_read_per_cold_probe": round(read / len(probes)),
             "store_cost": store_cost(ctx),
             "samples_ms": {"chunkgate": [round(v, 3) for v in cold_ms], "chunkgate_same_chunk_repeat": [round(v, 3) for v in warm_ms],
+                           "direct_from_chunk_object": [round(v, 3) for v in chunk_direct_ms],
                            "direct": [round(v, 3) for v in direct_ms]}}
 
 
@@ -512,6 +576,7 @@ def put_object(ctx: Context) -> dict[str, Any]:
 
 def _put_one_size(ctx: Context, size: int, label: str) -> dict[str, Any]:
     ours_put, boto_put, ours_get, boto_get = (Series("MiB/s") for _ in range(4))
+    put_cpu, boto_put_cpu, get_cpu, boto_get_cpu = (Series("CPU-s/GiB") for _ in range(4))
     growth: list[int] = []
     rss_series: list[list[tuple[float, int]]] = []
     expected = ctx.sha(size)
@@ -519,9 +584,12 @@ def _put_one_size(ctx: Context, size: int, label: str) -> dict[str, Any]:
 
     def peer(rep: int) -> None:
         key = _key(f"put-raw-{label}-{rep}")
-        boto_put.values.append(mib_per_s(size, boto3_upload(ctx.s3, ctx.raw_bucket, key, ctx.data_file(size))))
-        with open(scratch, "wb") as sink:
+        with CpuMeter() as cpu:
+            boto_put.values.append(mib_per_s(size, boto3_upload(ctx.s3, ctx.raw_bucket, key, ctx.data_file(size))))
+        boto_put_cpu.values.append(cpu.per_gib(size))
+        with open(scratch, "wb") as sink, CpuMeter() as cpu:
             seconds, _ = boto3_download(ctx.s3, ctx.raw_bucket, key, sink=sink)
+        boto_get_cpu.values.append(cpu.per_gib(size))
         ctx.check("put_get_sha256", sha256_file(scratch) == expected)
         scratch.unlink()
         boto_get.values.append(mib_per_s(size, seconds))
@@ -529,12 +597,15 @@ def _put_one_size(ctx: Context, size: int, label: str) -> dict[str, Any]:
 
     def mine(rep: int) -> None:
         key = _key(f"put-{label}-{rep}")
-        with RssSampler(ctx.gateway.pid) as rss:
+        with RssSampler(ctx.gateway.pid) as rss, CpuMeter(ctx.gateway.pid) as cpu:
             doc = ctx.gw_put(key, size)
+        put_cpu.values.append(cpu.per_gib(size))
         growth.append(rss.growth)
         rss_series.append([(round(t, 3), v - rss.baseline) for t, v in rss.series])
         ours_put.values.append(mib_per_s(size, doc["_seconds"]))
-        ours_get.values.append(mib_per_s(size, curl_get(ctx.gw_url(key), output=str(scratch), expect_bytes=size)))
+        with CpuMeter(ctx.gateway.pid) as cpu:
+            ours_get.values.append(mib_per_s(size, curl_get(ctx.gw_url(key), output=str(scratch), expect_bytes=size)))
+        get_cpu.values.append(cpu.per_gib(size))
         ctx.check("put_get_sha256", sha256_file(scratch) == expected)
         scratch.unlink()
         ctx.pool.request("DELETE", ctx.gw_url(key))
@@ -543,6 +614,8 @@ def _put_one_size(ctx: Context, size: int, label: str) -> dict[str, Any]:
         alternate(ctx.cfg.reps, peer, mine)
     _compare(ctx, f"PUT {label} vs boto3", "MiB/s", ours_put, boto_put, "boto3 upload_fileobj", 1.0)
     _compare(ctx, f"GET {label} after PUT vs boto3", "MiB/s", ours_get, boto_get, "boto3 download_fileobj", 1.0)
+    _cpu(ctx, f"PUT {label}", put_cpu, 1.5, {"boto3 upload_fileobj client": boto_put_cpu})
+    _cpu(ctx, f"GET {label} after PUT", get_cpu, None, {"boto3 download_fileobj client": boto_get_cpu})
     return {"size": size, "chunkgate_put": ours_put.to_json(), "boto3_upload_fileobj": boto_put.to_json(),
             "chunkgate_get": ours_get.to_json(), "boto3_download_fileobj": boto_get.to_json(),
             "rss_growth_bytes": growth, "rss_series": rss_series}
@@ -565,22 +638,29 @@ def tus_upload(ctx: Context) -> dict[str, Any]:
     path, expected = ctx.data_file(size), ctx.sha(size)
     peer_proc = procs.start_tus_peer(ctx.workdir, endpoint=ctx.store.url, bucket=ctx.tus_bucket, part_size=cfg.chunk_size)
     ours, tusd_js, boto = Series("MiB/s"), Series("MiB/s"), Series("MiB/s")
+    ours_cpu, node_cpu, boto_cpu = Series("CPU-s/GiB"), Series("CPU-s/GiB"), Series("CPU-s/GiB")
 
     def peer(rep: int) -> None:
-        seconds, upload_url = _tus_upload(peer_proc.url, path, cfg.tus_chunk, {"filename": f"bench-{rep}.bin"})
+        with CpuMeter(peer_proc.pid) as cpu:
+            seconds, upload_url = _tus_upload(peer_proc.url, path, cfg.tus_chunk, {"filename": f"bench-{rep}.bin"})
+        node_cpu.values.append(cpu.per_gib(size))
         tusd_js.values.append(mib_per_s(size, seconds))
         # @tus/s3-store keeps the object under the upload id: check it byte for byte.
         key = upload_url.rstrip("/").rsplit("/", 1)[1]
         digest, got = sha256_url(ctx.pool, f"{ctx.store.url}/{ctx.tus_bucket}/{key}")
         ctx.check("tus_peer_sha256", digest == expected and got == size)
         raw_key = _key(f"tus-raw-{rep}")
-        boto.values.append(mib_per_s(size, boto3_upload(ctx.s3, ctx.raw_bucket, raw_key, path)))
+        with CpuMeter() as cpu:
+            boto.values.append(mib_per_s(size, boto3_upload(ctx.s3, ctx.raw_bucket, raw_key, path)))
+        boto_cpu.values.append(cpu.per_gib(size))
         ctx.s3.delete_object(Bucket=ctx.raw_bucket, Key=raw_key)
 
     def mine(rep: int) -> None:
         key = _key(f"tus-{rep}")
-        seconds, _ = _tus_upload(ctx.gateway.url + "/uploads/", path, cfg.tus_chunk,
-                                 {"key": key, "content-type": "application/octet-stream"})
+        with CpuMeter(ctx.gateway.pid) as cpu:
+            seconds, _ = _tus_upload(ctx.gateway.url + "/uploads/", path, cfg.tus_chunk,
+                                     {"key": key, "content-type": "application/octet-stream"})
+        ours_cpu.values.append(cpu.per_gib(size))
         ours.values.append(mib_per_s(size, seconds))
         digest, got = sha256_url(ctx.pool, ctx.gw_url(key))
         ctx.check("tus_sha256", digest == expected and got == size)
@@ -592,9 +672,170 @@ def tus_upload(ctx: Context) -> dict[str, Any]:
     finally:
         peer_proc.stop()
     _compare(ctx, "tus vs @tus/server", "MiB/s", ours, tusd_js, "@tus/server + @tus/s3-store (tuspy client)", 2.5)
-    _compare(ctx, "tus vs boto3", "MiB/s", ours, boto, "boto3 upload_fileobj", 0.8)
+    _compare(ctx, "tus vs boto3", "MiB/s", ours, boto, "boto3 upload_fileobj", 0.9)
+    _cpu(ctx, "tus", ours_cpu, None, {"@tus/server process": node_cpu, "boto3 upload_fileobj client": boto_cpu})
     return {"size": size, "tus_chunk": cfg.tus_chunk, "chunkgate_tus": ours.to_json(), "tus_node": tusd_js.to_json(),
             "boto3_upload_fileobj": boto.to_json()}
+
+
+# ------------------------------------------------------------------------------ 8. read amplification
+def _raw_get_and_leave(url: str) -> None:
+    """Send a GET and close the connection at once, as a player cancelling a request does."""
+    parsed = urllib3.util.parse_url(url)
+    with socket.create_connection((parsed.host, parsed.port or 80), timeout=10) as sock:
+        sock.sendall(f"GET {parsed.request_uri} HTTP/1.1\r\nHost: {parsed.host}\r\n\r\n".encode())
+
+
+def _curl_many(urls: list[str], expect_bytes: int) -> float:
+    cmd = ["curl", "-sS", "--parallel", "--parallel-immediate", "--parallel-max", str(len(urls)), "-w", "%{http_code} %{size_download}\\n"]
+    for url in urls:
+        cmd += ["-o", "/dev/null", url]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    results = [line.split() for line in done.stdout.splitlines() if line.strip()]
+    if done.returncode != 0 or len(results) != len(urls) or any(r != ["200", str(expect_bytes)] for r in results):
+        raise BenchFailure(f"parallel GETs: rc={done.returncode}, {results[:3]}, {done.stderr.strip()[:300]}")
+    return seconds
+
+
+def read_amplification(ctx: Context) -> dict[str, Any]:
+    """Store bytes per byte served for each read pattern of issue 15, and store requests per
+    listing page. Every object read here is fresh (cold), so the store pays whatever the pattern
+    costs; store bytes are the gateway's own count of bytes its store calls returned."""
+    cfg, chunk = ctx.cfg, ctx.cfg.chunk_size
+    out: dict[str, Any] = {"cache_size": cfg.cache_size, "chunk_size": chunk}
+    ratio = Series("store bytes / byte served")
+
+    def store_bytes(run: Callable[[], int]) -> tuple[int, int]:
+        before = ctx.metric(BYTES_READ)
+        served = run()
+        return int(ctx.metric(BYTES_READ) - before), served
+
+    # sequential: one cold object read whole
+    size = 8 * chunk
+    key = _key("amp-seq")
+    ctx.gw_put(key, size)
+    read, served = store_bytes(lambda: (curl_get(ctx.gw_url(key), expect_bytes=size), size)[1])
+    out["sequential"] = {"object_bytes": size, "store_bytes": read, "ratio": round(read / served, 4)}
+    ctx.targets.append(Target("store bytes per byte served: sequential GET", "ratio", read / served, 1.05, False))
+
+    # multi-range: 16 one-byte parts in the first chunk, the same request repeated
+    key = _key("amp-multi")
+    ctx.gw_put(key, chunk)
+    header = "bytes=" + ",".join(f"{2 * n}-{2 * n}" for n in range(16))
+    per_request: list[int] = []
+    served_total = 0
+    for _ in range(cfg.multirange_repeats):
+        def one() -> int:
+            response = ctx.pool.request("GET", ctx.gw_url(key), headers={"Range": header})
+            ctx.check("multirange_206", response.status == 206 and response.data.count(b"Content-Range") == 16)
+            return len(response.data)
+        read, served = store_bytes(one)
+        per_request.append(read)
+        served_total += served
+    out["multi_range"] = {"parts": 16, "repeats": cfg.multirange_repeats, "bytes_served_per_request": served_total // cfg.multirange_repeats,
+                          "store_bytes_per_request": per_request,
+                          "ratio_first": round(per_request[0] / (served_total / cfg.multirange_repeats), 2),
+                          "ratio_all": round(sum(per_request) / served_total, 2)}
+    ctx.targets.append(Target("multi-range repeat: store bytes after the first", "bytes", float(sum(per_request[1:])), 0.0, False,
+                              "every repeat served from verified cached blocks"))
+
+    # abandoned: GETs that close the connection right after sending
+    keys_abandoned = [_key(f"amp-gone-{n}") for n in range(cfg.abandoned_gets)]
+    for k in keys_abandoned:
+        ctx.gw_put(k, 4 * chunk)
+    time.sleep(1.2)  # let manifest caches expire: as cold as a stranger's GET
+    before = ctx.metric(BYTES_READ)
+    for k in keys_abandoned:
+        _raw_get_and_leave(ctx.gw_url(k))
+        time.sleep(0.3)
+    time.sleep(2.0)  # whatever the gateway still fetches lands in the count
+    per_get = (ctx.metric(BYTES_READ) - before) / len(keys_abandoned)
+    out["abandoned"] = {"gets": len(keys_abandoned), "object_bytes": 4 * chunk, "store_bytes_per_get": round(per_get),
+                        "chunks_per_get": round(per_get / chunk, 3)}
+    ctx.targets.append(Target("abandoned GET: store bytes", "bytes per GET", per_get, float(chunk), False,
+                              "at most one chunk (before: the first chunk plus 4 of read-ahead)"))
+
+    # cache pressure: many concurrent readers of distinct objects, more than the cache holds
+    readers, psize = cfg.pressure_readers, cfg.pressure_size
+    pkeys = [_key(f"amp-press-{n}") for n in range(readers)]
+    for k in pkeys:
+        ctx.gw_put(k, psize)
+    read, served = store_bytes(lambda: (_curl_many([ctx.gw_url(k) for k in pkeys], psize), readers * psize)[1])
+    out["cache_pressure"] = {"readers": readers, "object_bytes": psize, "working_set": readers * psize,
+                             "store_bytes": read, "ratio": round(read / served, 4)}
+    ctx.targets.append(Target(f"store bytes per byte served: {readers} readers, working set {readers * psize // MiB} MiB "
+                              f"> cache {cfg.cache_size // MiB} MiB", "ratio", read / served, 1.05, False))
+
+    # listing: store requests for one page, first and repeated
+    prefix = f"bench/list-{uuid.uuid4().hex[:8]}/"
+    small = ctx.datadir / "one-kib"
+    small.write_bytes(b"x" * 1024)
+    for n in range(cfg.list_keys):
+        seconds, body = curl_put(f"{ctx.gateway.url}/objects/{prefix}{n:05d}", small)
+    time.sleep(1.2)
+    pages = []
+    for _ in range(2):
+        before = ctx.metric(STORE_REQUESTS)
+        response = ctx.pool.request("GET", f"{ctx.gateway.url}/objects?prefix={prefix}&limit={cfg.list_keys}")
+        ctx.check("listing_complete", response.status == 200 and len(json.loads(response.data)["objects"]) == cfg.list_keys)
+        pages.append(int(ctx.metric(STORE_REQUESTS) - before))
+    out["listing"] = {"keys": cfg.list_keys, "store_requests_first": pages[0], "store_requests_repeat": pages[1]}
+    ctx.targets.append(Target(f"listing page of {cfg.list_keys}: store requests (repeat)", "requests", float(pages[1]),
+                              10.0, False, "bounded, not one per key"))
+    ratio.values.extend([out["sequential"]["ratio"], out["cache_pressure"]["ratio"]])
+    return out
+
+
+# ------------------------------------------------------------------------------ 9. block size
+def block_size_choice(ctx: Context) -> dict[str, Any]:
+    """What a verified block size costs: manifest bytes and parse time of a 4 GiB object, store
+    latency of fetching one aligned block (vs the 64 KiB a player asks for), and the time to
+    hash a block. The measurement behind ``StoreOptions.block_size``."""
+    from storage import hashing
+    from storage.manifest import ChunkRef, Manifest
+
+    cfg, chunk, span = ctx.cfg, ctx.cfg.chunk_size, ctx.cfg.seek_bytes
+    keys_ = [_key(f"block-{n}") for n in range(8)]
+    for key in keys_:
+        ctx.raw_put(key, chunk)
+    rng = random.Random(cfg.seed + 2)
+    out: dict[str, Any] = {"object_bytes": 4 * GiB, "chunk_bytes": chunk, "range_bytes": span, "sizes": {}}
+    ranged: list[float] = []
+    fetch: dict[int, list[float]] = {bs: [] for bs in cfg.block_sizes}
+    for n in range(cfg.store_probes):
+        key = keys_[n % len(keys_)]
+        start = rng.randrange(0, chunk - span)
+        order: list[int] = [0, *cfg.block_sizes]
+        for bs in order if n % 2 == 0 else order[::-1]:
+            lo, length = (start, span) if bs == 0 else (start // bs * bs, bs)
+            t0 = time.perf_counter()
+            got = len(_timed_range(ctx.pool, ctx.raw_url(key), lo, length)[1])
+            (ranged if bs == 0 else fetch[bs]).append((time.perf_counter() - t0) * 1000.0)
+            ctx.check("block_probe_sizes", got == length)
+    data = random.Random(1).randbytes(chunk)
+    for bs in cfg.block_sizes:
+        count = 4 * GiB // chunk
+        refs = tuple(ChunkRef(i, i * chunk, chunk, "0" * 64, tuple(rng.randbytes(16).hex() for _ in range(chunk // bs)))
+                     for i in range(count))
+        manifest = Manifest(key="k", version="v1", size=count * chunk, content_type="video/mp4",
+                            created=__import__("datetime").datetime.now(__import__("datetime").timezone.utc),
+                            chunk_size=chunk, chunks=refs, block_size=bs)
+        raw = manifest.to_json()
+        t0 = time.perf_counter()
+        Manifest.from_json(raw)
+        parse_ms = (time.perf_counter() - t0) * 1000.0
+        expected = list(hashing.hash_chunk(data[:bs], bs)[1] or ())
+        t0 = time.perf_counter()
+        for _ in range(20):
+            hashing.first_bad_block(data[:bs], bs, expected)
+        verify_ms = (time.perf_counter() - t0) * 1000.0 / 20
+        out["sizes"][str(bs)] = {"manifest_bytes_4gib": len(raw), "manifest_parse_ms": round(parse_ms, 1),
+                                 "fetch_ms": _latency(fetch[bs]), "verify_ms": round(verify_ms, 3),
+                                 "fetch_over_ranged_p50": round(percentile(fetch[bs], 50) / percentile(ranged, 50), 2)}
+    out["ranged_ms"] = _latency(ranged)
+    return out
 
 
 # ------------------------------------------------------------------------------ 7. locks
@@ -649,7 +890,9 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "put": put_object,
     "tus": tus_upload,
     "locks": lock_manager,
+    "amplify": read_amplification,
+    "blocks": block_size_choice,
 }
 # Issue 8 numbers its scenarios; accept the numbers too.
 BY_NUMBER = {str(n): name for n, name in enumerate(SCENARIOS, start=1)}
-NEEDS_STORE = {"cold", "warm", "storm", "seek", "put", "tus"}
+NEEDS_STORE = {"cold", "warm", "storm", "seek", "put", "tus", "amplify", "blocks"}

@@ -103,9 +103,9 @@ class FaultyBackend:
             raise TransientError(f"injected error after put {key} was stored")
         return etag
 
-    async def get(self, key: str, *, start: int = 0, end: int | None = None) -> Blob:
+    async def get(self, key: str, *, start: int = 0, end: int | None = None, view: bool = False) -> Blob:
         kind = await self._before("get", key)
-        blob = await self.inner.get(key, start=start, end=end)
+        blob = await self.inner.get(key, start=start, end=end, view=view)
         if kind == "truncate" and blob.data:
             cut = self._rng.randrange(0, len(blob.data))
             return Blob(blob.data[:cut], blob.size, blob.etag)

@@ -351,7 +351,7 @@ class FsBackend:
         finally:
             os.close(fd)
 
-    async def get(self, key: str, *, start: int = 0, end: int | None = None) -> Blob:
+    async def get(self, key: str, *, start: int = 0, end: int | None = None, view: bool = False) -> Blob:
         if start < 0 or (end is not None and end < start):
             raise ValueError(f"bad byte range [{start}, {end})")
         return await self._run(self._get_sync, key, start, end)

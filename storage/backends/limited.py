@@ -89,9 +89,9 @@ class LimitedBackend:
         async with self._admitted():
             return await self.inner.put(key, data, if_none_match=if_none_match, if_match=if_match)
 
-    async def get(self, key: str, *, start: int = 0, end: int | None = None) -> Blob:
+    async def get(self, key: str, *, start: int = 0, end: int | None = None, view: bool = False) -> Blob:
         async with self._admitted():
-            return await self.inner.get(key, start=start, end=end)
+            return await self.inner.get(key, start=start, end=end, view=view)
 
     async def head(self, key: str) -> ObjectInfo:
         async with self._admitted():

@@ -78,7 +78,7 @@ class MemoryBackend:
         self._entries[key] = _Entry(data, etag, datetime.now(timezone.utc))
         return etag
 
-    async def get(self, key: str, *, start: int = 0, end: int | None = None) -> Blob:
+    async def get(self, key: str, *, start: int = 0, end: int | None = None, view: bool = False) -> Blob:
         self._key(key)
         _check_range(start, end)
         entry = self._entries.get(key)

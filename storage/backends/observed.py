@@ -61,8 +61,8 @@ class ObservedBackend:
     async def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
         return await self._timed("put", self.inner.put(key, data, if_none_match=if_none_match, if_match=if_match), written=len(data))
 
-    async def get(self, key: str, *, start: int = 0, end: int | None = None) -> Blob:
-        return await self._timed("get", self.inner.get(key, start=start, end=end), read=lambda b: len(b.data))
+    async def get(self, key: str, *, start: int = 0, end: int | None = None, view: bool = False) -> Blob:
+        return await self._timed("get", self.inner.get(key, start=start, end=end, view=view), read=lambda b: len(b.data))
 
     async def head(self, key: str) -> ObjectInfo:
         return await self._timed("head", self.inner.head(key))

@@ -84,9 +84,9 @@ class RetryingBackend:
                 await self._backoff(attempt, exc, what)
                 attempt += 1
 
-    async def get(self, key: str, *, start: int = 0, end: int | None = None) -> Blob:
+    async def get(self, key: str, *, start: int = 0, end: int | None = None, view: bool = False) -> Blob:
         async def once() -> Blob:
-            blob = await self.inner.get(key, start=start, end=end)
+            blob = await self.inner.get(key, start=start, end=end, view=view)
             want = max(0, min(blob.size if end is None else end, blob.size) - start)
             if len(blob.data) != want:
                 raise TransientError(f"short read of {key}: {len(blob.data)} of {want} bytes")

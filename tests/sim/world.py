@@ -227,7 +227,7 @@ class SimNet:
         op = OP.get()
         await self._write("delete", key, lambda: self.store.delete(key, op, if_match=if_match))
 
-    async def get(self, key: str, *, start: int = 0, end: int | None = None) -> Blob:
+    async def get(self, key: str, *, start: int = 0, end: int | None = None, view: bool = False) -> Blob:
         self._alive()
         blob: Blob = await self._read(f"get {key}", lambda: self.store.mem.get(key, start=start, end=end))
         if blob.data and self.rng.random() < self.settings.p_error / 4:
