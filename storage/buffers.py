@@ -30,6 +30,12 @@ class ChunkBuffers:
         if buf is not None and buf is owner and len(self._free) < self._keep:
             self._free.append(buf)
 
+    def forget(self, data: object) -> None:
+        """The writer holding ``data`` was cancelled while its put may still be sending from it
+        (a request on the wire, a client's own task): the buffer is never lent again."""
+        owner = data.obj if isinstance(data, memoryview) else data
+        self._lent.pop(id(owner), None)
+
     @property
     def lent(self) -> int:
         return len(self._lent)

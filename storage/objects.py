@@ -695,8 +695,13 @@ class ChunkWriter:
             if info.size != len(data):
                 raise StoreFailed(f"chunk {index} reads back as {info.size} bytes; {len(data)} were written")
             return ChunkRef(index, offset, len(data), digest, blocks)
+        except asyncio.CancelledError:
+            # The put may still be sending from the buffer (cancelling us need not stop it): it
+            # must never be refilled for another chunk (the replaced system's corruption).
+            self.store.buffers.forget(data)
+            raise
         finally:
-            self.store.buffers.give_back(data)
+            self.store.buffers.give_back(data)  # a no-op once forgotten
             self._slots.release()
 
     async def finish(self) -> list[ChunkRef]:

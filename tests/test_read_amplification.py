@@ -208,3 +208,34 @@ async def test_a_failed_upload_gives_its_buffers_back() -> None:
     with pytest.raises(StoreFailed):
         await store.put("f", body_of(os.urandom(6 * CHUNK)), content_type="x/y")
     assert store.buffers.lent == 0
+
+
+async def test_a_buffer_whose_put_was_cancelled_mid_send_is_never_refilled() -> None:
+    # A store client may go on sending from the buffer after its caller is cancelled (a request
+    # on the wire): that buffer must never be lent to the next chunk, or the bytes still being
+    # sent would change under it -- the replaced system's corruption, with sizes that still match.
+    sending: list[memoryview] = []
+    stuck = asyncio.Event()
+
+    class SlowPuts(MemoryBackend):
+        async def put(self, key: str, data: bytes, **kw: Any) -> str:
+            if key.startswith(keys.CHUNK_PREFIX) and not sending:
+                sending.append(data)  # type: ignore[arg-type]
+                await stuck.wait()  # never set: the client is gone before this ends
+            return await super().put(key, data, **kw)
+
+    store = make_store(SlowPuts())
+
+    async def body() -> Any:
+        yield os.urandom(2 * CHUNK)
+        await asyncio.sleep(3600)  # the client stalls...
+
+    put = asyncio.ensure_future(store.put("c", body(), content_type="x/y"))
+    while not sending:
+        await asyncio.sleep(0.01)
+    put.cancel()  # ...and is gone
+    with pytest.raises(asyncio.CancelledError):
+        await put
+    in_flight = sending[0].obj if isinstance(sending[0], memoryview) else sending[0]
+    fresh = [store.buffers.take() for _ in range(8)]
+    assert all(buf is not in_flight for buf in fresh)
