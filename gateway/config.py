@@ -93,7 +93,7 @@ class ServeConfig:
     auth_token_file: str | None = None
     signing_key: str | None = None
     allow_anonymous_writes: bool = False
-    verify_reads: str = "sha256"
+    verify_reads: str = "blocks"
     write_concurrency: int = 4
     readahead: int = 4
     cors_origins: str = "*"
@@ -135,7 +135,8 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--size-tolerance-ratio", "size_tolerance_ratio", parse_ratio, "accepted chunk size drift as a ratio"),
     ("--auth-token-file", "auth_token_file", str, "a file with one bearer token per line"),
     ("--signing-key", "signing_key", str, "when set, reads need a signed URL"),
-    ("--verify-reads", "verify_reads", str, "sha256 (default) or none: checksum chunks fetched from the store"),
+    ("--verify-reads", "verify_reads", str,
+     "blocks (default: every byte against the manifest's block digests), sha256 (recompute each chunk's SHA-256), or none"),
     ("--write-concurrency", "write_concurrency", parse_nonneg_int, "chunk uploads in flight per PUT"),
     ("--readahead", "readahead", parse_nonneg_int, "chunks fetched ahead of a sequential read"),
     ("--cors-origins", "cors_origins", str, "allowed CORS origins for reads, comma-separated, or *"),
@@ -221,8 +222,8 @@ def validate(cfg: ServeConfig) -> None:
         raise ConfigError("--lock-stale-after: must be positive")
     if cfg.lock_timeout <= 0:
         raise ConfigError("--lock-timeout: must be positive")
-    if cfg.verify_reads not in ("sha256", "none"):
-        raise ConfigError("--verify-reads: must be sha256 or none")
+    if cfg.verify_reads not in ("blocks", "sha256", "none"):
+        raise ConfigError("--verify-reads: must be blocks, sha256 or none")
     if cfg.active_content not in ACTIVE_CONTENT_MODES:
         raise ConfigError("--active-content: must be sandbox, attachment or inline")
     if cfg.log_format not in ("text", "json"):

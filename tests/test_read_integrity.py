@@ -221,8 +221,9 @@ async def test_a_later_chunk_beyond_tolerance_ends_the_connection_without_its_by
 
 
 # ------------------------------------------------------------- same size, other bytes
-async def test_same_size_other_bytes_is_rejected_with_sha256_verification(tmp_path: Path) -> None:
-    async with rig(tmp_path, verify_reads="sha256") as r:
+@pytest.mark.parametrize("mode", ["blocks", "sha256"])  # the default, and the strict one
+async def test_same_size_other_bytes_is_rejected_when_reads_are_verified(tmp_path: Path, mode: str) -> None:
+    async with rig(tmp_path, verify_reads=mode) as r:
         await r.tamper(0, flip_a_byte)
         assert_error_json(await r.get(), 502, "chunk_corrupt")
         # Spanning two chunks, so the whole chunk is fetched and hashed.
@@ -230,8 +231,9 @@ async def test_same_size_other_bytes_is_rejected_with_sha256_verification(tmp_pa
         assert (await r.mismatches())["rejected"] >= 2
 
 
-async def test_same_size_other_bytes_in_a_later_chunk_is_never_sent(tmp_path: Path) -> None:
-    async with rig(tmp_path, verify_reads="sha256") as r:
+@pytest.mark.parametrize("mode", ["blocks", "sha256"])  # the default, and the strict one
+async def test_same_size_other_bytes_in_a_later_chunk_is_never_sent(tmp_path: Path, mode: str) -> None:
+    async with rig(tmp_path, verify_reads=mode) as r:
         await r.tamper(1, flip_a_byte)
         got = await r.get()
         assert got.status == 200 and not got.complete
@@ -239,8 +241,9 @@ async def test_same_size_other_bytes_in_a_later_chunk_is_never_sent(tmp_path: Pa
         assert len(got.body) <= CHUNK
 
 
-async def test_a_small_range_of_a_same_size_corrupt_chunk_is_rejected(tmp_path: Path) -> None:
-    async with rig(tmp_path, verify_reads="sha256") as r:
+@pytest.mark.parametrize("mode", ["blocks", "sha256"])  # the default, and the strict one
+async def test_a_small_range_of_a_same_size_corrupt_chunk_is_rejected(tmp_path: Path, mode: str) -> None:
+    async with rig(tmp_path, verify_reads=mode) as r:
         await r.tamper(1, flip_a_byte)
         assert_error_json(await r.get({"Range": f"bytes={CHUNK}-{CHUNK + 999}"}), 502, "chunk_corrupt")
 
