@@ -51,9 +51,35 @@ def _s3(server_fixture: str, prefix: str) -> Factory:
     return make
 
 
+class _CountingObserver:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def backend_call(self, op: str, outcome: str, seconds: float, bytes_read: int, bytes_written: int) -> None:
+        self.calls += 1
+
+
+def _stack(faults: bool) -> Factory:
+    """The stack serve assembles (storage.stack): observed, limited and retrying wrappers over a
+    raw store, with fault injection under them when ``faults``: the wrappers keep the contract,
+    the retrying one even while the store below fails 5% of calls (errors before and after a
+    write lands, throttles, delays, short reads)."""
+    async def make(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+        from storage.backends.faults import KINDS, FaultPlan
+        from storage.stack import StackOptions, build_backend
+
+        opts = StackOptions(store=str(tmp_path / "store"), store_max_concurrency=8, store_max_rps=0.0,
+                            faults=FaultPlan(rate=0.05, kinds=set(KINDS), seed=7, max_latency=0.002) if faults else None)
+        return build_backend(opts, _CountingObserver(), FsBackend(tmp_path / "store"))
+
+    return make
+
+
 FACTORIES: dict[str, Factory] = {
     "memory": _memory,
     "fs": _fs,
+    "stack": _stack(faults=False),
+    "stack-faulty": _stack(faults=True),
     "moto": _s3("moto_s3", ""),
     "moto-prefixed": _s3("moto_s3", "tenant/a"),
     "seaweedfs": _s3("seaweedfs", "tenant/a"),
@@ -452,9 +478,13 @@ async def test_list_crosses_page_boundaries(backend: Backend, request: pytest.Fi
 
 
 async def test_check_passes_and_close_is_idempotent(backend: Backend) -> None:
-    await backend.check()  # type: ignore[attr-defined]
+    await backend.put("before-close", b"x")
+    await backend.check()
     await backend.close()
     await backend.close()
+    # Closed means closed: a call afterwards is refused with a typed error, never served.
+    with pytest.raises((PermanentError, TransientError)):
+        await backend.get("before-close")
 
 
 # -- S3 only: how a store's failures map to the typed errors ------------------------------------

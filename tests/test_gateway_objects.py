@@ -183,6 +183,8 @@ async def test_matching_checksums_are_accepted(gw) -> None:
             "X-Checksum-SHA256": hashlib.sha256(data).hexdigest()}
     async with s.put(f"{url}/objects/ok", data=data, headers=hdrs) as r:
         assert r.status == 201
+    async with s.get(f"{url}/objects/ok") as r:
+        assert (r.status, await r.read()) == (200, data)
 
 
 async def test_delete_is_204_then_404(gw) -> None:

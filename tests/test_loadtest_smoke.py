@@ -21,6 +21,6 @@ def test_a_short_load_test_finishes_by_itself_without_errors() -> None:
     assert result["errors"] == 0
     for kind in ("read", "range", "write"):
         assert result[kind]["ops"] > 0 and result[kind]["errors"] == 0
-        assert result[kind]["p50_ms"] <= result[kind]["p99_ms"]
+        assert result[kind]["p50_ms"] > 0  # latencies were measured, not left at zero
     assert result["rss_start_mib"] > 0 and result["rss_end_mib"] > 0
     assert "p50 ms" in out.stdout and "p99 ms" in out.stdout
