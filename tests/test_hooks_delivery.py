@@ -393,9 +393,15 @@ async def verify(run: Run, receiver: HookReceiver, records: ManifestStore) -> No
         if a.outcome == "acked":
             kind = "post-delete" if a.kind == "delete" else "post-finish"
             assert (a.key, kind, a.version) in accepted, f"no {kind} delivered for {a}"
-    # Per key, in commit order: the operations' positions never go backwards, redeliveries included.
+    # Per key, in commit order: first deliveries never go backwards. A repeat may come later:
+    # a dead gateway's request still in flight when another took over can land after newer
+    # events (at least once means an app deduplicates by id), but it repeats a delivered id.
     by_key: dict[str, list[int]] = {}
+    seen_ids: set[str] = set()
     for event in delivered:
+        if event["id"] in seen_ids:
+            continue
+        seen_ids.add(event["id"])
         by_key.setdefault(event["key"], []).append(attempt_of(event).op)
     for key, ops in by_key.items():
         assert ops == sorted(ops), f"{key}: events out of commit order: {ops}"
