@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.client import ResumeState, fingerprint, tree_files, upload_order
+from gateway.cli.client import ResumeState, fingerprint, tree_files, upload_order
 from gateway.config import ServeConfig
 from tests.support.gateway import in_process_gateway
 

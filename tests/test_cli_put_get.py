@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.client import ClientError, ResumeState, fingerprint, verify_against_manifest
+from gateway.cli.client import ClientError, ResumeState, fingerprint, verify_against_manifest
 from gateway.config import ServeConfig
 from storage.manifest import ChunkRef, compute_etag
 from tests.support.gateway import in_process_gateway

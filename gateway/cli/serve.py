@@ -1,8 +1,4 @@
-"""The ``chunkgate`` command: serve, sign, put, get, gc, fsck.
-
-Every failure a user can cause ends in one line on stderr and a non-zero exit (2 for bad
-configuration), never a traceback.
-"""
+"""``chunkgate serve``: logging, the server's lifecycle (ready line, drain on SIGTERM), the loop."""
 
 from __future__ import annotations
 
@@ -17,7 +13,8 @@ import signal
 import sys
 from typing import Any, Sequence
 
-from gateway.config import ConfigError, ServeConfig, add_serve_arguments, parse_duration, resolve
+from gateway.cli import fail
+from gateway.config import ConfigError, ServeConfig, add_serve_arguments, resolve
 
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is data.
@@ -57,9 +54,6 @@ def setup_logging(cfg: ServeConfig) -> None:
     logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
-def fail(message: str, code: int = 2) -> int:
-    print(f"chunkgate: {message}", file=sys.stderr)
-    return code
 
 
 # ------------------------------------------------------------------------------------ serve
@@ -150,73 +144,3 @@ def run_loop(main: Any) -> int:
 
         return int(uvloop.run(main))
     return int(asyncio.run(main))
-
-
-# ------------------------------------------------------------------------------------ sign
-def cmd_sign(argv: Sequence[str]) -> int:
-    import os
-
-    from gateway.auth import PrefixError, prefix_signed_url, signed_url, validate_prefix
-    from storage.keys import BadKey, validate_key
-
-    parser = argparse.ArgumentParser(prog="chunkgate sign", description="Print a signed, expiring read URL.")
-    parser.add_argument("key")
-    parser.add_argument("--prefix", default=None,
-                        help="also admit every key that starts with PREFIX (the URL carries the credential in its "
-                             "path, so what an HLS/DASH playlist names relative to it is admitted too)")
-    parser.add_argument("--expires-in", default="1h")
-    parser.add_argument("--signing-key", default=os.environ.get("CHUNKGATE_SIGNING_KEY"))
-    parser.add_argument("--url", default=os.environ.get("CHUNKGATE_URL", "http://127.0.0.1:8080"))
-    args = parser.parse_args(list(argv))
-    if not args.signing_key:
-        return fail("--signing-key: needed (or CHUNKGATE_SIGNING_KEY)")
-    try:
-        validate_key(args.key)
-        expires_in = parse_duration(args.expires_in)
-        if args.prefix is not None:
-            validate_prefix(args.prefix)
-    except BadKey as exc:
-        return fail(f"KEY: {exc}")
-    except PrefixError as exc:
-        return fail(f"--prefix: {exc}")
-    except ValueError as exc:
-        return fail(f"--expires-in: {exc}")
-    if args.prefix is None:
-        print(signed_url(args.url, args.signing_key, args.key, expires_in))
-    elif not args.key.startswith(args.prefix):
-        return fail(f"KEY: {args.key!r} does not start with --prefix {args.prefix!r}")
-    else:
-        print(prefix_signed_url(args.url, args.signing_key, args.key, args.prefix, expires_in))
-    return 0
-
-
-COMMANDS = {
-    "serve": ("run the gateway", "gateway.cli:cmd_serve"),
-    "sign": ("print a signed read URL", "gateway.cli:cmd_sign"),
-    "put": ("upload a file (resumable, tus)", "gateway.client:cmd_put"),
-    "get": ("download an object", "gateway.client:cmd_get"),
-    "gc": ("delete unreferenced chunks and expired uploads", "gateway.maintenance:cmd_gc"),
-    "fsck": ("check every manifest against its chunks", "gateway.maintenance:cmd_fsck"),
-}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print("usage: chunkgate COMMAND [options]\n\ncommands:")
-        for name, (summary, _) in COMMANDS.items():
-            print(f"  {name:<6} {summary}")
-        return 0 if args else 2
-    name, rest = args[0], args[1:]
-    if name not in COMMANDS:
-        return fail(f"unknown command {name!r}; try: {', '.join(COMMANDS)}")
-    module_name, func_name = COMMANDS[name][1].split(":")
-    import importlib
-
-    # Imported on demand so `chunkgate serve` doesn't load the client's or gc's dependencies.
-    func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
