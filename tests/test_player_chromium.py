@@ -138,5 +138,7 @@ async def test_chromium_plays_and_seeks_a_chunked_clip_cross_origin(
         assert seek["readyState"] >= 2, seek  # HAVE_CURRENT_DATA: the frame at the target is decoded
         assert seek["lit"] > 0.05, seek  # a real picture, read from an untainted (CORS-approved) canvas
     delta = {status: after.get(status, 0) - before.get(status, 0) for status in after}
-    assert delta.get("206", 0) >= (2 if clip_name == "mp4_moov_at_end" else 1), delta
+    # Every read is a range read. How many Chromium makes depends on timing: over loopback it may
+    # stream a whole small clip (moov at the end included) in its first open-ended 206.
+    assert delta.get("206", 0) >= 1 and not delta.get("200"), delta
     assert not any(status.startswith("5") and n for status, n in delta.items()), delta
