@@ -174,6 +174,9 @@ class S3Backend:
         max_workers: int = 16,
         max_attempts: int = 5,
         list_page_size: int = 1000,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 10.0,
+        total_timeout: float = 30.0,
     ) -> None:
         self.bucket = bucket
         # "p" and "p/" name the same prefix; without the '/' a prefix "p" would also see "pq/...".
@@ -185,7 +188,14 @@ class S3Backend:
             or os.environ.get("AWS_ENDPOINT_URL")
             or None
         )
+        self.endpoint_url = endpoint_url
+        # Timeouts per request, so a store that accepts connections and never answers fails in
+        # seconds, not botocore's 60 s x 5 attempts (storage.backends.deadline bounds the whole
+        # operation on top). The read timeout is between two received bytes, not for a whole
+        # body: a slow but moving 8 MiB chunk is not a stalled store.
         config = Config(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             retries={"mode": "standard", "max_attempts": max_attempts},
             max_pool_connections=max_workers + 4,
             # Third-party servers (SeaweedFS) reject the default CRC trailers on uploads.
@@ -204,14 +214,23 @@ class S3Backend:
             if endpoint_url:
                 options["endpoint"] = endpoint_url
                 options["virtual_hosted_style_request"] = False
+            client_options: dict[str, Any] = {
+                "allow_http": True, "pool_max_idle_per_host": str(max_workers + 4),
+                "connect_timeout": timedelta(seconds=connect_timeout),
+                "read_timeout": timedelta(seconds=read_timeout),  # between two reads, like botocore's
+            }
+            if total_timeout > 0:  # one request (its body included) never outlives the deadline
+                client_options["timeout"] = timedelta(seconds=total_timeout)
             self._fast = S3Store(
                 bucket,
                 region=self._client.meta.region_name or "us-east-1",
-                client_options={"allow_http": True, "pool_max_idle_per_host": str(max_workers + 4)},
+                client_options=client_options,
                 conditional_put="etag",
                 unsigned_payload=True,
                 credential_provider=self._credentials_now,  # type: ignore[arg-type]
-                retry_config={"max_retries": max_attempts - 1, "retry_timeout": timedelta(seconds=60)},
+                # Retries stop starting once the deadline would be over (default: 3 minutes).
+                retry_config={"max_retries": max_attempts - 1,
+                              "retry_timeout": timedelta(seconds=total_timeout if total_timeout > 0 else 60)},
                 **options,
             )
         self._page_size = list_page_size
