@@ -138,6 +138,8 @@ def test_a_store_stalled_after_startup_gives_clean_errors_while_healthz_metrics_
         statuses = sorted(r[0] for r in results)
         for i, (status, headers, body, seconds) in enumerate(results):
             assert_clean_store_error(status, headers, body, seconds, head=i % 3 == 2)
+            if i % 3 == 1:  # a GET that needs the store: the gateway's upstream timed out
+                assert status == 504 and json.loads(body)["error"] == "store_timeout"
         assert ready_status == 503 and json.loads(ready_body)["error"] == "store_unavailable"
         assert ready_seconds < BOUND
         # Sockets stay bounded: one per waiting client and store request, not a pile-up.
@@ -244,3 +246,69 @@ def count_500s(port: int) -> int:
     return sum(int(s.value) for f in text_string_to_metric_families(text) for s in f.samples
                if s.name == "chunkgate_http_requests_total" and s.labels.get("status", "").startswith("50")
                and s.labels.get("status") == "500")
+
+
+class HeldManifestWrites:
+    """A memory store whose manifest writes are held on the wire until ``release()`` and then
+    land, whether or not the caller still waits -- as a request already sent to S3 does."""
+
+    def __init__(self) -> None:
+        from storage.backends.memory import MemoryBackend
+
+        self.inner = MemoryBackend()
+        self.name = "held"
+        self.holding = False
+        self._released = asyncio.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def release(self) -> None:
+        self.holding = False
+        self._released.set()
+
+    async def put(self, key: str, data: bytes, **cond: object) -> str:
+        if not (self.holding and key.startswith("m/")):
+            return await self.inner.put(key, data, **cond)  # type: ignore[arg-type]
+
+        async def later() -> str:
+            await self._released.wait()
+            return await self.inner.put(key, bytes(data), **cond)  # type: ignore[arg-type]
+
+        return await asyncio.shield(asyncio.ensure_future(later()))
+
+
+async def test_a_commit_cut_off_by_the_deadline_is_unknown_and_keeps_its_chunks_so_it_can_still_land() -> None:
+    from storage.errors import StoreUnavailable
+    from storage.locks import LockManager
+    from storage.objects import ObjectStore, StoreOptions
+    from storage.stack import StackOptions, build_backend
+
+    raw = HeldManifestWrites()
+    backend = build_backend(StackOptions(store="mem", store_timeout=0.3), raw=raw)  # type: ignore[arg-type]
+    store = ObjectStore(backend, LockManager(), StoreOptions(chunk_size=1024))
+
+    async def body(data: bytes):
+        yield data
+
+    old, new = os.urandom(3000), os.urandom(5000)
+    await store.put("k", body(old), content_type="application/octet-stream")
+    chunks_before = {info.key async for info in raw.inner.list("c/")}
+    raw.holding = True
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable) as caught:
+        await store.put("k", body(new), content_type="application/octet-stream")
+    assert time.monotonic() - t0 < 10 * 0.3  # the deadline, the read-back's, and the lock's
+    assert caught.value.outcome_unknown  # a timed-out commit is unknown, never "failed"
+    chunks_after = {info.key async for info in raw.inner.list("c/")}
+    assert len(chunks_after - chunks_before) == 5  # the new version's chunks are kept, not deleted on a guess
+
+    raw.release()  # the held write lands after all: the new version must be whole
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        manifest = await store.head("k", fresh=True)
+        if manifest.size == len(new):
+            break
+    data = b"".join([bytes(piece) async for piece in store.read(manifest, 0, manifest.size)])
+    assert data == new
+    await store.close()
