@@ -312,3 +312,36 @@ async def test_a_commit_cut_off_by_the_deadline_is_unknown_and_keeps_its_chunks_
     data = b"".join([bytes(piece) async for piece in store.read(manifest, 0, manifest.size)])
     assert data == new
     await store.close()
+
+
+async def test_a_hung_file_under_the_directory_store_answers_504_store_timeout_within_the_deadline(tmp_path: Path) -> None:
+    """A hung NFS mount, as a FIFO nobody writes: opening it blocks the store's thread."""
+    import aiohttp
+
+    from gateway.config import ServeConfig
+    from storage.backends.fs import FsBackend
+    from tests.support.gateway import in_process_gateway
+
+    fs = FsBackend(str(tmp_path / "data"))
+    cfg = ServeConfig(store=str(tmp_path / "data"), store_timeout=0.5)
+    async with in_process_gateway(cfg, backend=fs) as (url, _app):
+        async with aiohttp.ClientSession() as http:
+            async with http.put(f"{url}/objects/fine.txt", data=b"fine") as resp:
+                assert resp.status == 201
+            fifo = fs.path_of("m/hung.txt")
+            os.makedirs(os.path.dirname(fifo), exist_ok=True)
+            os.mkfifo(fifo)
+            try:
+                t0 = time.monotonic()
+                async with http.get(f"{url}/objects/hung.txt") as resp:
+                    doc, seconds = await resp.json(), time.monotonic() - t0
+                    assert resp.status == 504 and resp.headers["Retry-After"] == "1"
+                assert doc["error"] == "store_timeout" and "0.5s" in doc["message"]
+                assert seconds < 3 * 0.5 + 1.0
+                async with http.get(f"{url}/objects/fine.txt") as resp:  # the rest of the store still works
+                    assert resp.status == 200 and await resp.read() == b"fine"
+                async with http.get(f"{url}/healthz") as resp:
+                    assert resp.status == 200
+            finally:
+                # Unblock the store's thread that still waits on the FIFO, so the store can close.
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
