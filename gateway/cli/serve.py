@@ -88,7 +88,8 @@ async def serve(cfg: ServeConfig) -> int:
         return fail(f"--store: the store {where} did not finish the startup check within {bound:g}s "
                     "(it answers too slowly or stalls); check it, or raise --store-timeout")
     except StoreTimeout as exc:
-        return fail(f"--store: the store {where} did not answer within {exc.seconds:g}s "
+        within = f"within {exc.seconds:g}s" if exc.seconds else "in time"
+        return fail(f"--store: the store {where} did not answer {within} "
                     "(nothing listens, or it accepts connections and never answers); "
                     "check that it is reachable, or raise --store-timeout")
     except Exception as exc:  # the store's startup check: missing bucket, bad credentials

@@ -28,10 +28,11 @@ T = TypeVar("T")
 
 
 class StoreTimeout(TransientError):
-    """The store did not finish an operation within the deadline; for a write, the outcome is
+    """The store did not answer in time: the operation's deadline (``seconds``) or a store
+    client's own connect/read timeout (``seconds`` None) ran out. For a write, the outcome is
     unknown (it may still land)."""
 
-    def __init__(self, message: str, *, seconds: float) -> None:
+    def __init__(self, message: str, *, seconds: float | None = None) -> None:
         super().__init__(message, retry_after=None)
         self.seconds = seconds
 

@@ -47,6 +47,7 @@ from storage.backends.base import (
     PreconditionFailed,
     TransientError,
 )
+from storage.backends.deadline import StoreTimeout
 from storage.keys import BadKey, MAX_KEY_BYTES, validate_key
 
 T = TypeVar("T")
@@ -116,6 +117,8 @@ def map_obstore_error(exc: Exception, what: str) -> BackendError:
         return InvalidKey(message)
     status_match = _STATUS.search(text)
     status = int(status_match.group(1)) if status_match else 0
+    if not status and "kind: Timeout" in text:  # reqwest's connect/read/request timeout, after retries
+        return StoreTimeout(f"{what}: the store did not answer in time: {first_line}")
     if status in (429, 503):
         raise _Throttled(message) from exc
     if code in _TRANSIENT_CODES or status in (408, 429) or status >= 500 or status == 0:
@@ -152,6 +155,8 @@ def map_error(exc: Exception, what: str) -> BackendError:
         if code in _TRANSIENT_CODES or status in (429, 500, 502, 503, 504):
             return TransientError(message, retry_after=_retry_after(meta.get("HTTPHeaders", {})))
         return PermanentError(message)
+    if isinstance(exc, (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError)):
+        return StoreTimeout(f"{what}: the store did not answer in time: {exc}")
     if isinstance(exc, _TRANSIENT_BOTOCORE):
         return TransientError(f"{what}: {exc}")
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
@@ -193,10 +198,16 @@ class S3Backend:
         # seconds, not botocore's 60 s x 5 attempts (storage.backends.deadline bounds the whole
         # operation on top). The read timeout is between two received bytes, not for a whole
         # body: a slow but moving 8 MiB chunk is not a stalled store.
+        # botocore has no deadline of its own: attempts that cannot fit in --store-timeout would
+        # keep a worker thread waiting for an answer nobody awaits any more (a stalled store
+        # held each for 5 x the read timeout plus backoff, and the pool has max_workers).
+        boto_attempts = max_attempts
+        if total_timeout > 0:
+            boto_attempts = max(2, min(max_attempts, int(total_timeout // (connect_timeout + read_timeout)) + 1))
         config = Config(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            retries={"mode": "standard", "max_attempts": boto_attempts},
             max_pool_connections=max_workers + 4,
             # Third-party servers (SeaweedFS) reject the default CRC trailers on uploads.
             request_checksum_calculation="when_required",
