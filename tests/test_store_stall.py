@@ -228,6 +228,25 @@ def test_a_slow_or_resetting_store_gives_answers_or_clean_errors_never_a_500(
         assert count_500s(port) == 0, outcomes
 
 
+def test_a_slow_but_moving_store_is_not_cut_off_by_the_read_timeout(proxied: tuple[FaultProxy, str]) -> None:
+    """--store-read-timeout is between two bytes: an upload of chunks that takes several times as
+    long to reach the store (one byte at a time) still succeeds, and so does reading it back."""
+    proxy, bucket = proxied
+    proxy.slow_delay = 0.0  # one byte per write: tens of KB/s here
+    data = os.urandom(60_000)
+    with GatewayProcess(["--store", f"s3://{bucket}", "--s3-endpoint-url", proxy.endpoint, "--chunk-size", "64KiB",
+                         "--store-timeout", "60s", "--store-read-timeout", "500ms", "--store-connect-timeout", "1s"],
+                        cwd=ROOT, env={"PYTHONPATH": str(ROOT)}) as gw:
+        port = gw.port
+        proxy.slow()
+        status, _, answer, seconds = call(port, "PUT", "/objects/slow.bin", data, timeout=120)
+        assert status == 201, answer
+        assert seconds > 0.5  # it did take longer than the read timeout
+        status, _, body, _ = call(port, "GET", "/objects/slow.bin", timeout=120)
+        assert status == 200 and body == data
+        proxy.heal()
+
+
 def metric(port: int, name: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 

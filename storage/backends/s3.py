@@ -220,6 +220,7 @@ class S3Backend:
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="s3-store")
         self._credentials = session.get_credentials()  # botocore's chain: env, profile, IMDS...
         self._fast: S3Store | None = None
+        self._fast_reads: S3Store | None = None
         if self._credentials is not None:
             options: dict[str, Any] = {}
             if endpoint_url:
@@ -228,22 +229,30 @@ class S3Backend:
             client_options: dict[str, Any] = {
                 "allow_http": True, "pool_max_idle_per_host": str(max_workers + 4),
                 "connect_timeout": timedelta(seconds=connect_timeout),
-                "read_timeout": timedelta(seconds=read_timeout),  # between two reads, like botocore's
             }
             if total_timeout > 0:  # one request (its body included) never outlives the deadline
                 client_options["timeout"] = timedelta(seconds=total_timeout)
-            self._fast = S3Store(
-                bucket,
-                region=self._client.meta.region_name or "us-east-1",
-                client_options=client_options,
-                conditional_put="etag",
-                unsigned_payload=True,
-                credential_provider=self._credentials_now,  # type: ignore[arg-type]
-                # Retries stop starting once the deadline would be over (default: 3 minutes).
-                retry_config={"max_retries": max_attempts - 1,
-                              "retry_timeout": timedelta(seconds=total_timeout if total_timeout > 0 else 60)},
-                **options,
-            )
+
+            def fast_store(extra: dict[str, Any]) -> S3Store:
+                return S3Store(
+                    bucket,
+                    region=self._client.meta.region_name or "us-east-1",
+                    client_options={**client_options, **extra},
+                    conditional_put="etag",
+                    unsigned_payload=True,
+                    credential_provider=self._credentials_now,  # type: ignore[arg-type]
+                    # Retries stop starting once the deadline would be over (default: 3 minutes).
+                    retry_config={"max_retries": max_attempts - 1,
+                                  "retry_timeout": timedelta(seconds=total_timeout if total_timeout > 0 else 60)},
+                    **options,
+                )
+
+            self._fast = fast_store({})
+            # reqwest's read timeout also runs while a request body is being sent (no answer can
+            # come before it is all sent): on writes it would cut off an 8 MiB chunk that takes
+            # longer than --store-read-timeout to upload. So only reads (whose bodies come back)
+            # get it, from a client of their own; writes are bounded by the request timeout.
+            self._fast_reads = fast_store({"read_timeout": timedelta(seconds=read_timeout)})
         self._page_size = list_page_size
         self._closed = False
         # Set by storage.probe: SeaweedFS stores 'a\\b' as 'a/b', which would give two keys one value.
@@ -258,10 +267,11 @@ class S3Backend:
             creds["token"] = frozen.token
         return creds
 
-    def _fast_for(self, store_key: str) -> S3Store | None:
+    def _fast_for(self, store_key: str, *, reading: bool = False) -> S3Store | None:
         if self._closed:
             raise PermanentError(f"{self.name} is closed")
-        return self._fast if self._fast is not None and _PLAIN_KEY.fullmatch(store_key) else None
+        fast = self._fast_reads if reading else self._fast
+        return fast if fast is not None and _PLAIN_KEY.fullmatch(store_key) else None
 
     def _store_key(self, key: str) -> str:
         try:
@@ -394,7 +404,7 @@ class S3Backend:
             info = await self.head(key)
             return Blob(b"", info.size, info.etag)
         store_key = self._store_key(key)
-        fast = self._fast_for(store_key)
+        fast = self._fast_for(store_key, reading=True)
         if fast is not None:
             try:
                 return await self._get_fast(fast, key, store_key, start, end, view)
@@ -404,7 +414,7 @@ class S3Backend:
 
     async def head(self, key: str) -> ObjectInfo:
         store_key = self._store_key(key)
-        fast = self._fast_for(store_key)
+        fast = self._fast_for(store_key, reading=True)
         meta: Any = None
         if fast is not None:
             try:
