@@ -386,11 +386,19 @@ def test_the_store_timeout_flags_and_their_environment_variables(argv: list[str]
 
 
 @pytest.mark.parametrize("argv", [["--store-timeout", "soon"], ["--store-read-timeout", "0"],
-                                  ["--store-connect-timeout", "0s"]])
-def test_a_bad_store_timeout_exits_2_naming_the_flag(argv: list[str]) -> None:
-    result = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--port", "0", *argv],
+                                  ["--store-connect-timeout", "0s"], ["--store-timeout=-1s"]])
+def test_a_bad_store_timeout_is_refused_naming_the_flag(argv: list[str]) -> None:
+    from gateway.config import ConfigError, parse_serve_args
+
+    with pytest.raises(ConfigError) as caught:
+        parse_serve_args(argv, {})
+    assert str(caught.value).startswith(argv[0].split("=")[0] + ":")
+
+
+def test_serve_with_a_bad_store_timeout_exits_2_with_one_line() -> None:
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--store-timeout", "soon"],
                             capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             timeout=60)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and argv[0] in lines[0] and "Traceback" not in result.stderr
+    assert len(lines) == 1 and "--store-timeout" in lines[0] and "Traceback" not in result.stderr
