@@ -52,10 +52,12 @@ def full_disk_dir() -> Iterator[Path]:
         path.rmdir()
 
 
-@pytest.fixture
-def gateway(full_disk_dir: Path) -> Iterator[GatewayProcess]:
+@pytest.fixture(params=["local", "store"])
+def gateway(full_disk_dir: Path, request: pytest.FixtureRequest) -> Iterator[GatewayProcess]:
+    # --locks store: every write also rewrites a lease record in the (full) store.
     gw = GatewayProcess(["--store", str(full_disk_dir), "--chunk-size", str(CHUNK), "--grace", "0s",
-                         "--log-level", "warning"], env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+                         "--locks", request.param, "--log-level", "warning"], env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    gw.locks = request.param  # type: ignore[attr-defined]
     try:
         yield gw
     finally:
@@ -78,9 +80,10 @@ def chunk_files(root: Path) -> int:
 def assert_store_full(r: requests.Response) -> None:
     assert r.status_code == 507, (r.status_code, r.text)
     assert r.headers["Content-Type"].startswith("application/json")
-    assert r.json()["error"] == "store_full"
-    assert r.json()["message"]
     assert "Retry-After" not in r.headers
+    if r.request.method != "HEAD":
+        assert r.json()["error"] == "store_full"
+        assert r.json()["message"]
 
 
 def meta(**pairs: str) -> str:
@@ -154,6 +157,29 @@ def test_full_disk_is_507_reads_go_on_and_writes_recover_once_space_is_freed(ful
     assert r.status_code == 200
     offset = int(r.headers["Upload-Offset"])
     assert 64 * KIB <= offset < len(upload)
+
+    # Another process takes the last bytes: now even a DELETE (its tombstone, its lease) has no
+    # room, and is refused the same way; reads still go on. Freeing that space is the way out.
+    filler = full_disk_dir / ".filler"  # a name the fs store never lists
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass  # ENOSPC: the disk is full to the last page
+    finally:
+        os.close(fd)
+    r = http.delete(f"{url}/objects/{key0}", timeout=30)
+    assert_store_full(r)
+    refused.append(r)
+    assert http.get(f"{url}/objects/{key0}", timeout=30).content == data0
+    r = http.head(location, headers=TUS, timeout=30)
+    if gateway.locks == "local":
+        assert r.status_code == 200 and r.headers["Upload-Offset"] == str(offset)
+    else:
+        assert_store_full(r)  # a HEAD takes the upload's lease, a record in the store: no room for it
+        refused.append(r)
+    filler.unlink()
 
     # Nothing of the refused writes is left: no temp file, no chunk beyond the stored objects'
     # and the upload's durable ones; fsck finds every object whole.
