@@ -179,6 +179,19 @@ def test_full_disk_is_507_reads_go_on_and_writes_recover_once_space_is_freed(ful
     else:
         assert_store_full(r)  # a HEAD takes the upload's lease, a record in the store: no room for it
         refused.append(r)
+    # A gateway (re)started on the full disk comes up and serves reads, is ready, says the store
+    # is full, and refuses writes the same way; fsck runs on the full disk too.
+    second = GatewayProcess(["--store", str(full_disk_dir), "--chunk-size", str(CHUNK), "--locks", gateway.locks,
+                             "--log-level", "error"], env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    try:
+        assert http.get(f"{second.url}/objects/{key0}", timeout=30).content == data0
+        ready = http.get(f"{second.url}/readyz", timeout=30)
+        assert ready.status_code == 200 and ready.json()["store_full"] is True, ready.text
+        assert_store_full(http.put(f"{second.url}/objects/fill/second.bin", data=b"x" * 5000, timeout=30))
+    finally:
+        second.stop()
+    fsck = chunkgate("fsck", "--store", str(full_disk_dir), "--quiet")
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     filler.unlink()
 
     # Nothing of the refused writes is left: no temp file, no chunk beyond the stored objects'
