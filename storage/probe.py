@@ -18,7 +18,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from storage.backends.base import Backend, InvalidKey, NotFound, PreconditionFailed, StoreFull
+from storage.backends.base import (
+    Backend,
+    InvalidKey,
+    NotFound,
+    PreconditionFailed,
+    StoreFull,
+)
 
 PROBE_PREFIX = "p/"
 

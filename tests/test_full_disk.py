@@ -18,8 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -41,7 +42,7 @@ def full_disk_dir() -> Iterator[Path]:
         pytest.skip("mounting a small tmpfs (a real full disk) needs root")
     path = Path(tempfile.mkdtemp(prefix="chunkgate-full-"))
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(path)],
-                             capture_output=True, text=True)
+                             check=False, capture_output=True, text=True)
     if mounted.returncode != 0:
         path.rmdir()
         pytest.skip(f"mount -t tmpfs failed: {mounted.stderr.strip() or mounted.returncode}")
@@ -65,7 +66,7 @@ def gateway(full_disk_dir: Path, request: pytest.FixtureRequest) -> Iterator[Gat
 
 
 def chunkgate(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=60,
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], check=False, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
 
 
