@@ -173,6 +173,10 @@ def test_full_disk_is_507_reads_go_on_and_writes_recover_once_space_is_freed(ful
     r = http.delete(f"{url}/objects/{key0}", timeout=30)
     assert_store_full(r)
     refused.append(r)
+    r = http.post(url + "/uploads/", headers={**TUS, "Upload-Length": "1000", "Upload-Metadata": meta(key="tus/new.bin")},
+                  timeout=30)  # a tus creation: its record has no room either
+    assert_store_full(r)
+    refused.append(r)
     assert http.get(f"{url}/objects/{key0}", timeout=30).content == data0
     r = http.head(location, headers=TUS, timeout=30)
     if gateway.locks == "local":
