@@ -36,12 +36,14 @@ CHUNK = 256 * KIB
 TUS = {"Tus-Resumable": "1.0.0"}
 
 
-@pytest.fixture
-def full_disk_dir() -> Iterator[Path]:
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _small_tmpfs(options: str) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs (a real full disk) needs root")
     path = Path(tempfile.mkdtemp(prefix="chunkgate-full-"))
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(path)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                              check=False, capture_output=True, text=True)
     if mounted.returncode != 0:
         path.rmdir()
@@ -51,6 +53,17 @@ def full_disk_dir() -> Iterator[Path]:
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
         path.rmdir()
+
+
+@pytest.fixture
+def full_disk_dir() -> Iterator[Path]:
+    yield from _small_tmpfs("size=8m")
+
+
+@pytest.fixture
+def full_disk_inodes() -> Iterator[Path]:
+    """Room for bytes, but only a few dozen files and directories."""
+    yield from _small_tmpfs("size=8m,nr_inodes=48")
 
 
 @pytest.fixture(params=["local", "store"])
@@ -301,3 +314,52 @@ def test_manifest_refused_for_want_of_room_cleans_up_the_chunks_it_would_have_na
         await store.close()
 
     asyncio.run(main())
+
+
+def test_no_inode_left_is_507_too_and_a_gateway_still_starts_and_reads(full_disk_inodes: Path) -> None:
+    root = full_disk_inodes
+    gw = GatewayProcess(["--store", str(root), "--log-level", "error"], env={"PYTHONPATH": str(REPO)})
+    stored: dict[str, bytes] = {}
+    try:
+        for n in range(100):
+            data = os.urandom(100)
+            r = requests.put(f"{gw.url}/objects/small/{n}", data=data, timeout=30)
+            if r.status_code != 201:
+                assert_store_full(r)
+                break
+            stored[f"small/{n}"] = data
+        else:
+            pytest.fail("100 objects fitted in a few dozen inodes")
+        assert stored
+        # Whichever file found no inode (intent, chunk or manifest), nothing of that PUT is left.
+        assert temp_files(root) == [] and chunk_files(root) == len(stored)
+    finally:
+        gw.stop()
+    # Something else takes the last inodes; a gateway started now still comes up and reads.
+    fillers: list[Path] = []
+    try:
+        while True:
+            fillers.append(root / f".filler-{len(fillers)}")
+            fillers[-1].touch()
+    except OSError:
+        fillers.pop()
+    gw = GatewayProcess(["--store", str(root), "--grace", "0s", "--log-level", "error"], env={"PYTHONPATH": str(REPO)})
+    try:
+        for key, data in stored.items():
+            assert requests.get(f"{gw.url}/objects/{key}", timeout=30).content == data
+        assert requests.get(f"{gw.url}/readyz", timeout=30).json()["store_full"] is True
+        assert_store_full(requests.put(f"{gw.url}/objects/small/more", data=b"x", timeout=30))
+        for f in fillers:
+            f.unlink()
+        for key in list(stored)[:3]:  # their chunks and directories go at once (--grace 0s)
+            assert requests.delete(f"{gw.url}/objects/{key}", timeout=30).status_code == 204
+            del stored[key]
+        assert requests.put(f"{gw.url}/objects/small/more", data=b"x", timeout=30).status_code == 201
+        stored["small/more"] = b"x"
+        for key, data in stored.items():
+            assert requests.get(f"{gw.url}/objects/{key}", timeout=30).content == data
+    finally:
+        gw.stop()
+    assert temp_files(root) == []
+    fsck = chunkgate("fsck", "--store", str(root), "--quiet")
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr

@@ -469,6 +469,8 @@ class FsBackend:
             os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             os.unlink(probe)
         except OSError as exc:
+            if exc.errno in _FULL_ERRNOS:
+                return  # writable, only full (no inode left): reads still work, writes get StoreFull
             raise PermanentError(f"store directory {self.root} is not writable: {exc.strerror}") from None
 
     async def check(self) -> None:
