@@ -201,12 +201,13 @@ async def probe_store(app: web.Application) -> StoreCapabilities:
     caps = await probe(direct(store.backend))
     apply(store.backend, caps)
     store.manifests.conditional_deletes = caps.conditional_delete
-    app["store_caps"] = (time.monotonic(), caps)
+    # Not probed (a full store): ask again on the next /readyz instead of a minute later.
+    app["store_caps"] = (float("-inf") if caps.full else time.monotonic(), caps)
     if not caps.conditional_put and isinstance(store.locks, StoreLockManager):
         raise ConfigError(f"--locks store: the store {store.backend.name} does not honour conditional writes "
                           f"({caps.describe()}), so several gateways cannot share it safely; "
                           "run one gateway with --locks local")
-    if caps.problems:
+    if caps.problems or caps.full:
         logging.getLogger("chunkgate").warning("store probe: %s", caps.describe())
     return caps
 
@@ -304,7 +305,9 @@ async def readyz(request: web.Request) -> web.Response:
         return json_error(503, "store_unavailable", f"the store does not answer: {exc}")
     return web.json_response({"status": "ready", "store": store.backend.name,
                               "conditional_writes": caps.conditional_put,
-                              "conditional_deletes": caps.conditional_delete})
+                              "conditional_deletes": caps.conditional_delete,
+                              # Full: reads are served, writes get 507 until space is freed.
+                              "store_full": caps.full})
 
 
 async def admin_locks(request: web.Request) -> web.Response:

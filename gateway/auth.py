@@ -185,6 +185,10 @@ def redact_path(path: str) -> str:
     return _TOKEN_IN_PATH.sub("/t/REDACTED", path)
 
 
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
 def check_token(tokens: list[str], header: str | None) -> None:
     if not header:
         raise HTTPError(401, "unauthorized", "this request needs Authorization: Bearer <token>",
@@ -193,11 +197,13 @@ def check_token(tokens: list[str], header: str | None) -> None:
     if scheme.lower() != "bearer" or not token.strip():
         raise HTTPError(401, "unauthorized", "the Authorization header must be 'Bearer <token>'",
                         headers={"WWW-Authenticate": 'Bearer realm="chunkgate"'})
-    token = token.strip().encode()
+    # Header values may hold any bytes (aiohttp keeps invalid UTF-8 as lone surrogates), and so
+    # may tokens from argv: compare raw bytes, never ``str.encode()``, which raises on those.
+    raw = _raw(token.strip())
     # Compare against every token so the time taken doesn't tell which one (or none) matched.
     ok = False
     for t in tokens:
-        ok |= hmac.compare_digest(t.encode(), token)
+        ok |= hmac.compare_digest(_raw(t), raw)
     if not ok:
         raise HTTPError(403, "forbidden", "the bearer token is not accepted")
 
@@ -222,7 +228,9 @@ def auth_middleware(tokens: list[str], signing_key: str | None) -> Any:
                 raise HTTPError(403, "forbidden", "listing is disabled while reads need signed URLs")
             check_token(tokens, request.headers.get("Authorization"))
         elif signing_key and request.method in ("GET", "HEAD") and path.startswith(("/objects/", TOKEN_PATH)):
-            if "Authorization" in request.headers and tokens:
+            # An empty Authorization is no token at all: the signature decides (else anyone
+            # could turn a valid signed URL into a 401 by adding an empty header).
+            if request.headers.get("Authorization", "").strip() and tokens:
                 check_token(tokens, request.headers.get("Authorization"))  # token holders may read
                 request[READ_PRIVATE] = True
             else:

@@ -62,6 +62,7 @@ def to_response(exc: BaseException) -> web.Response | None:
         se.ObjectNotFound: 404,
         se.PreconditionNotMet: 412,
         se.ChecksumMismatch: 400,
+        se.StoreFull: 507,  # no Retry-After: only freeing space helps, not waiting
         se.BadRequest: 400,
         se.BodyTooLarge: 413,
         se.IncompleteBody: 400,

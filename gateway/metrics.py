@@ -27,6 +27,9 @@ BACKEND_OPS = ("put", "get", "head", "delete", "list")
 BACKEND_OUTCOMES = ("ok", "not_found", "precondition_failed", "transient", "permanent")
 GC_KINDS = ("chunk", "upload", "lease")
 MEDIA_KINDS = ("playlist", "segment", "media", "other")  # gateway.caching.media_kind
+# Methods kept as their own label value; any other (aiohttp's pure-Python parser accepts made-up
+# tokens such as "FOO1", "FOO2", ...) is "other", so a client cannot grow the label set at will.
+HTTP_METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"})
 
 METRIC_NAMES = frozenset(
     """
@@ -131,8 +134,9 @@ class Metrics:
     def request_done(self, request: web.Request, status: int, seconds: float) -> None:
         """Record one answered request (called by the gateway's one observation middleware)."""
         route = _route_of(request)
-        self.http_requests.labels(request.method, route, str(status)).inc()
-        self.http_duration.labels(request.method, route).observe(seconds)
+        method = request.method if request.method in HTTP_METHODS else "other"
+        self.http_requests.labels(method, route, str(status)).inc()
+        self.http_duration.labels(method, route).observe(seconds)
         sent = request.get("chunkgate.bytes_sent", 0)
         if sent:
             self.http_response_bytes.labels(route).inc(sent)

@@ -373,8 +373,10 @@ async def list_objects(request: web.Request) -> web.Response:
         raise HTTPError(400, "bad_limit", f"limit must be a whole number from 1 to {MAX_LIST}") from None
     if not 1 <= limit <= MAX_LIST:
         raise HTTPError(400, "bad_limit", f"limit must be a whole number from 1 to {MAX_LIST}")
-    if len(prefix.encode()) > 1024 or any(ord(c) < 0x20 for c in prefix + (after or "")):
-        raise HTTPError(400, "bad_prefix", "prefix and after must be at most 1024 bytes without control characters")
+    # No key is longer than 1024 bytes of UTF-8, so neither a prefix of one nor a key to go on after is.
+    for name, value in (("prefix", prefix), ("after", after or "")):
+        if len(value.encode("utf-8", "surrogatepass")) > 1024 or any(ord(c) < 0x20 for c in value):
+            raise HTTPError(400, f"bad_{name}", f"{name} must be at most 1024 bytes (UTF-8) without control characters")
     manifests, next_after = await store_of(request).list(prefix, after=after, limit=limit)
     objects = [
         {"key": m.key, "size": m.size, "etag": m.etag, "last_modified": conditions.http_date(m.last_modified),

@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from gateway import hooks
+from gateway.auth import check_token
 from gateway.errors import HTTPError, json_error, to_response
 from gateway.objects import BODY_READ_ERRORS, UploadRateFloor, upload_content_type
 from storage.errors import IncompleteBody
@@ -297,6 +298,11 @@ async def _append(request: web.Request, upload_id: str, *, offset: int, length: 
 
 async def head(request: web.Request) -> web.StreamResponse:
     require_tus_resumable(request.headers)
+    tokens = request.app["config"].auth_token
+    if tokens:
+        # A HEAD reveals the upload's metadata and asks a live PATCH to let go of its lock (so
+        # a client can resume after a dead connection): only someone who may write may ask.
+        check_token(tokens, request.headers.get("Authorization"))
     upload_id = upload_id_of(request)
     sessions = sessions_of(request)
     async with sessions.lock(upload_id, owner=owner_of(request)) as lease:

@@ -76,6 +76,13 @@ class StoreFailed(ObjectError):
     code = "store_error"
 
 
+class StoreFull(StoreFailed):
+    """The store has no room for a write (a full disk or a quota). Nothing was committed and
+    retrying cannot help until space is freed (HTTP 507, no Retry-After)."""
+
+    code = "store_full"
+
+
 class ChunkRejected(StoreFailed):
     """A chunk's stored bytes contradict its manifest beyond tolerance, or its SHA-256 differs
     at the exact size. Never served."""
@@ -107,6 +114,7 @@ def from_backend(exc: BaseException, what: str) -> Exception:
     backend errors are translated; ``what`` completes "the store failed ..."). ``NotFound`` and
     ``PreconditionFailed`` are answers, not failures: callers handle them before calling this."""
     from storage.backends.base import InvalidKey, PermanentError, TransientError
+    from storage.backends.base import StoreFull as BackendStoreFull
     from storage.backends.deadline import StoreTimeout
     from storage.keys import BadKey
 
@@ -120,6 +128,9 @@ def from_backend(exc: BaseException, what: str) -> Exception:
         # API.md allows 1024-byte keys, but an S3 store adds its prefix and the records their
         # 'm/': the client's key, not a store failure (400 bad_key).
         return BadKey(f"this store cannot hold the key ({exc}); use a shorter or simpler key")
+    if isinstance(exc, BackendStoreFull):
+        return StoreFull(f"the store ran out of space {what or 'writing'} ({exc}); nothing was committed: "
+                         "free space on the store, then send the request again")
     if isinstance(exc, PermanentError):
         return StoreFailed(f"the store refused {what}: {exc}")
     return StoreFailed(f"the store gave an unexpected answer {what}: {exc}")

@@ -60,7 +60,7 @@ from storage.backends.base import (
     PreconditionFailed,
     TransientError,
 )
-from storage.errors import StoreFailed, StoreUnavailable
+from storage.errors import StoreUnavailable, from_backend
 from storage.locks import Lease, LeaseLost, Locker, LockManager, LockTimeout, _hold
 
 log = logging.getLogger("chunkgate.leases")
@@ -376,7 +376,7 @@ class StoreLockManager:
             except TransientError as exc:
                 last_error = exc
             except PermanentError as exc:
-                raise StoreFailed(f"the store refused the lease of {key!r}: {exc}") from exc
+                raise from_backend(exc, f"taking the lease of {key!r}") from exc  # a full store: 507
             remaining = deadline - self._monotonic()
             if remaining <= 0:
                 self.stats.timeouts += 1

@@ -40,6 +40,7 @@ from storage.errors import (
     IncompleteBody,
     ObjectNotFound,
     StoreFailed,
+    StoreFull,
     StoreUnavailable,
     from_backend,
 )
@@ -180,7 +181,13 @@ class ObjectStore:
         where the writer stands if anything below raises or is cancelled."""
         lease.check()  # fencing: a holder cleared as stale must not write (no await until the put)
         attempt.in_doubt = True
-        result = await self.manifests.commit(key, new, expected, events=events)
+        try:
+            result = await self.manifests.commit(key, new, expected, events=events)
+        except StoreFull:
+            # The store refused the write for want of room: nothing landed (a write that landed
+            # and then failed is an unknown outcome, never this), so the writer may clean up.
+            attempt.in_doubt = False
+            raise
         self._forget_manifest(key)
         if result.outcome is Outcome.LOST:
             attempt.in_doubt = False

@@ -18,7 +18,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from storage.backends.base import Backend, InvalidKey, NotFound, PreconditionFailed
+from storage.backends.base import (
+    Backend,
+    InvalidKey,
+    NotFound,
+    PreconditionFailed,
+    StoreFull,
+)
 
 PROBE_PREFIX = "p/"
 
@@ -31,8 +37,14 @@ class StoreCapabilities:
     conditional_delete: bool = True
     backslash_keys: bool = True
     problems: tuple[str, ...] = field(default_factory=tuple)
+    # The store had no room for the probe's keys (it raised StoreFull): the fields above are
+    # assumed, not found. Only the fs store reports a full store, and it honours every condition;
+    # a full store takes no writes anyway. Probed again (``/readyz``) once it has room.
+    full: bool = False
 
     def describe(self) -> str:
+        if self.full:
+            return "the store is full, so it could not be probed; probed again once it has room"
         return "; ".join(self.problems) if self.problems else "conditional writes and deletes honoured"
 
 
@@ -67,6 +79,9 @@ async def probe(backend: Backend) -> StoreCapabilities:
         if not backslash:
             problems.append("a backslash in a key is stored as '/'")
         return StoreCapabilities(create_only and if_match, conditional_delete, backslash, tuple(problems))
+    except StoreFull:
+        # A full store still serves reads: starting (or staying ready) must not need room.
+        return StoreCapabilities(full=True)
     finally:
         async for info in backend.list(base):
             await backend.delete(info.key)

@@ -42,6 +42,13 @@ class PermanentError(BackendError):
     """The store refused in a way retrying will not fix (bad credentials, bad key, no bucket)."""
 
 
+class StoreFull(PermanentError):
+    """The store has no room for this write (a full disk, a quota: ENOSPC, EDQUOT) and refused
+    it: nothing of it landed, so what it would have made reachable may be cleaned up. Not
+    retried: it succeeds only once space is freed. A write that did land but could not be
+    made durable afterwards is a ``TransientError`` (its outcome is unknown), never this."""
+
+
 class InvalidKey(PermanentError):
     """The key cannot be stored by this backend (escapes the root, too long, bad characters)."""
 

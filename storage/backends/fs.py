@@ -37,6 +37,7 @@ from storage.backends.base import (
     ObjectInfo,
     PermanentError,
     PreconditionFailed,
+    StoreFull,
     TransientError,
 )
 from storage.keys import BadKey, validate_key
@@ -134,9 +135,12 @@ def _mtime(st: os.stat_result) -> datetime:
 
 
 _TRANSIENT_ERRNOS = {
-    errno.EAGAIN, errno.EBUSY, errno.EDQUOT, errno.EINTR, errno.EIO, errno.EMFILE,
-    errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.ETIMEDOUT,
+    errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.EIO, errno.EMFILE,
+    errno.ENFILE, errno.ENOMEM, errno.ETIMEDOUT,
 }
+# No room (blocks, inodes or a quota): only freeing space helps, so it is not retried. Raised as
+# ``StoreFull`` only where nothing of the write can have landed (see ``_put_sync``).
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
 def _os_errors(fn: Callable[P, T]) -> Callable[P, T]:
@@ -151,6 +155,8 @@ def _os_errors(fn: Callable[P, T]) -> Callable[P, T]:
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:
                 raise InvalidKey(f"the key's path is too long for this filesystem: {exc}") from exc
+            if exc.errno in _FULL_ERRNOS:
+                raise StoreFull(f"fs store: {exc.strerror}") from exc
             if exc.errno in _TRANSIENT_ERRNOS:
                 raise TransientError(f"fs store: {exc}") from exc
             raise PermanentError(f"fs store: {exc}") from exc
@@ -273,9 +279,16 @@ class FsBackend:
                             raise PreconditionFailed(f"{key!r} does not have ETag {if_match!r}")
                     os.rename(tmp, path)
                     pending = None
-            _fsync_dir(dirpath)
-            for parent in changed:
-                _fsync_dir(parent)
+            # From here the value is in place and visible: a failure now (even ENOSPC) does not
+            # mean "nothing landed", so it must never be reported as a refusal (StoreFull or
+            # PermanentError would let the caller delete chunks a landed manifest names).
+            try:
+                _fsync_dir(dirpath)
+                for parent in changed:
+                    _fsync_dir(parent)
+            except OSError as exc:
+                raise TransientError(f"fs store: {key!r} was written but could not be made durable "
+                                     f"({exc.strerror}); its outcome is unknown") from exc
             return etag
         finally:
             if pending is not None:
@@ -456,6 +469,8 @@ class FsBackend:
             os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             os.unlink(probe)
         except OSError as exc:
+            if exc.errno in _FULL_ERRNOS:
+                return  # writable, only full (no inode left): reads still work, writes get StoreFull
             raise PermanentError(f"store directory {self.root} is not writable: {exc.strerror}") from None
 
     async def check(self) -> None:
