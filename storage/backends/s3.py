@@ -45,6 +45,7 @@ from storage.backends.base import (
     ObjectInfo,
     PermanentError,
     PreconditionFailed,
+    StoreFull,
     TransientError,
 )
 from storage.backends.deadline import StoreTimeout
@@ -55,6 +56,10 @@ T = TypeVar("T")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
+# The store has no room (MinIO documents XMinioStorageFull as HTTP 507 Insufficient Storage):
+# a refusal, nothing landed, retried only once space is freed. EntityTooLarge is not one (a
+# per-object limit).
+_FULL_CODES = {"XMinioStorageFull", "InsufficientStorage"}
 _TRANSIENT_CODES = {
     "SlowDown", "RequestTimeout", "RequestTimeoutException", "InternalError",
     "ServiceUnavailable", "Throttling", "ThrottlingException", "RequestLimitExceeded",
@@ -117,6 +122,8 @@ def map_obstore_error(exc: Exception, what: str) -> BackendError:
         return InvalidKey(message)
     status_match = _STATUS.search(text)
     status = int(status_match.group(1)) if status_match else 0
+    if code in _FULL_CODES or status == 507:
+        return StoreFull(message)
     if not status and "kind: Timeout" in text:  # reqwest's connect/read/request timeout, after retries
         return StoreTimeout(f"{what}: the store did not answer in time: {first_line}")
     if status in (429, 503):
@@ -146,6 +153,8 @@ def map_error(exc: Exception, what: str) -> BackendError:
         if code == "KeyTooLongError":
             # AWS caps keys at 1024 bytes (checked before calling), SeaweedFS each segment at 255.
             return InvalidKey(message)
+        if code in _FULL_CODES or status == 507:
+            return StoreFull(message)
         if code in _PERMANENT_CODES:
             return PermanentError(message)
         if code in _NOT_FOUND_CODES or status == 404:
