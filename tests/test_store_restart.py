@@ -176,7 +176,8 @@ async def test_store_killed_and_restarted_under_load(tmp_path: Path) -> None:
                 direct_ok: list[float] = []
 
                 def direct_put() -> None:
-                    client = s3_client(weed.endpoint, connect_timeout=2, read_timeout=30, retries={"max_attempts": 1})
+                    # A short read timeout: a PUT the store holds back is given up and tried again.
+                    client = s3_client(weed.endpoint, connect_timeout=1, read_timeout=1, retries={"max_attempts": 1})
                     while time.monotonic() < back_at + 60:
                         try:
                             client.put_object(Bucket=bucket, Key="direct/probe", Body=b"probe")
@@ -266,7 +267,9 @@ async def test_store_killed_and_restarted_under_load(tmp_path: Path) -> None:
           f"{max((a.ended - a.started for a in down), default=0):.2f} s (healthz "
           f"{max((a.ended - a.started for a in down if a.what == 'healthz'), default=0):.3f} s); "
           f"a PUT straight to the store succeeded {direct_ok[0] - back_at if direct_ok else float('nan'):.2f} s after it answered; "
-          f"recovered: first PUT 201 {put_ok - back_at if put_ok else float('nan'):.2f} s and /readyz 200 "
+          f"recovered: first PUT 201 {put_ok - back_at if put_ok else float('nan'):.2f} s "
+          f"({put_ok - max(back_at, direct_ok[0]) if put_ok and direct_ok else float('nan'):.2f} s after the store "
+          f"took a PUT) and /readyz 200 "
           f"{ready_ok - back_at if ready_ok else float('nan'):.2f} s after the store answered; /readyz while down: "
           f"{dict(Counter(a.status for a in readyz_down))} (-1: no answer within {PROBE_SECONDS:.0f} s; the slowest "
           f"503 took {max((a.ended - a.started for a in readyz_down if a.status == 503), default=0):.1f} s; one without "
@@ -290,7 +293,11 @@ async def test_store_killed_and_restarted_under_load(tmp_path: Path) -> None:
     for kind in ("get", "range", "put", "patch"):
         assert set(by_kind.get(kind, {})) <= {200, 206, 201, 204, 502, 503, 504}, (kind, by_kind.get(kind))
     assert any(s >= 502 for c in by_kind.values() for s in c), "the store was down, yet no request noticed"
-    assert put_ok is not None and put_ok - back_at < RECOVERY_BOUND, put_ok and put_ok - back_at
+    # SeaweedFS may answer listings well before it accepts writes again (19 s in one run here):
+    # the gateway's PUTs are judged from when the store took a PUT straight from boto3.
+    assert direct_ok, "the store never accepted a PUT again"
+    writable = max(back_at, direct_ok[0])
+    assert put_ok is not None and put_ok - writable < RECOVERY_BOUND, (put_ok and put_ok - back_at, writable - back_at)
     assert ready_ok is not None and ready_ok - back_at < RECOVERY_BOUND, ready_ok and ready_ok - back_at
 
 
