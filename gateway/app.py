@@ -199,6 +199,8 @@ async def probe_store(app: web.Application) -> StoreCapabilities:
     caps = await probe(innermost(store.backend))
     apply(store.backend, caps)
     store.manifests.conditional_deletes = caps.conditional_delete
+    if isinstance(store.locks, StoreLockManager):  # else lease records are marked released, never deleted
+        store.locks.conditional_deletes = caps.conditional_delete
     app["store_caps"] = (time.monotonic(), caps)
     if not caps.conditional_put and isinstance(store.locks, StoreLockManager):
         raise ConfigError(f"--locks store: the store {store.backend.name} does not honour conditional writes "
