@@ -139,6 +139,7 @@ class UploadState(str, Enum):
 LIVE_STATES = frozenset({UploadState.PENDING, UploadState.RECEIVING, UploadState.COMMITTING})
 _LIVE_VALUES = frozenset(s.value for s in LIVE_STATES)
 _DAMAGED = "damaged"  # the index's state for a record it cannot parse
+_SCAN_READS = 16  # upload records read at once by a sweep
 
 
 # ------------------------------------------------------------------------------------ records
@@ -652,27 +653,31 @@ class UploadSessions:
             elif tail.startswith("t/"):
                 tails.setdefault(upload_id, []).append(info)
         read: list[UploadSummary] = []
-        for upload_id in self.index.changed(listed):
-            try:
-                blob = await _guard("reading the upload record", self.backend.get(info_key(upload_id)))
-            except NotFound:
-                del listed[upload_id]  # gone since the listing
-                continue
-            except (StoreFailed, StoreUnavailable) as exc:
-                log.warning("could not read the record of upload %s (tried again next sweep): %s", upload_id, exc)
-                old = self.index.get(upload_id)
-                if old is None:
-                    del listed[upload_id]  # neither counted nor swept until it can be read
-                continue
+        slots = asyncio.Semaphore(_SCAN_READS)  # after a restart every record is read once: not one by one
+
+        async def read_one(upload_id: str) -> None:
+            async with slots:
+                try:
+                    blob = await _guard("reading the upload record", self.backend.get(info_key(upload_id)))
+                except NotFound:
+                    listed.pop(upload_id, None)  # gone since the listing
+                    return
+                except (StoreFailed, StoreUnavailable) as exc:
+                    log.warning("could not read the record of upload %s (tried again next sweep): %s", upload_id, exc)
+                    if self.index.get(upload_id) is None:
+                        listed.pop(upload_id, None)  # neither counted nor swept until it can be read
+                    return
             try:
                 record = UploadRecord.from_json(blob.data)
             except StoreFailed as exc:
                 log.warning("upload record %s is unreadable and left alone: %s", upload_id, exc)
                 read.append(UploadSummary(upload_id, "", _DAMAGED, 0.0, 0.0, None, listed[upload_id]))
-                continue
+                return
             # Under the listed ETag: if the record changed since the listing, the next listing
             # shows another ETag and it is read again.
             read.append(_summary(record, listed[upload_id]))
+
+        await asyncio.gather(*(read_one(upload_id) for upload_id in self.index.changed(listed)))
         self.index.merge(mark, listed, read)
         self._scanned_at = self._monotonic()
         return listed, tails
