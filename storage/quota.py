@@ -94,6 +94,10 @@ class UploadIndex:
         # Bumped by every local change, so a refresh that was listing meanwhile keeps it.
         self._changes = 0
         self._changed_at: dict[str, int] = {}
+        # Ids whose state is open (expiry not judged), per client: counting stays O(1) per
+        # creation; only at a cap are those ids' expiries looked at.
+        self._open: dict[str, set[str]] = {}
+        self._open_count = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -104,15 +108,29 @@ class UploadIndex:
     def summaries(self) -> list[UploadSummary]:
         return list(self._entries.values())
 
+    def _set(self, upload_id: str, summary: UploadSummary | None) -> None:
+        old = self._entries.pop(upload_id, None)
+        if old is not None and old.state in _OPEN_STATES:
+            ids = self._open[old.client]
+            ids.discard(upload_id)
+            self._open_count -= 1
+            if not ids:
+                del self._open[old.client]
+        if summary is not None:
+            self._entries[upload_id] = summary
+            if summary.state in _OPEN_STATES:
+                self._open.setdefault(summary.client, set()).add(upload_id)
+                self._open_count += 1
+
     # -- this gateway's own writes ----------------------------------------------------------
     def note(self, summary: UploadSummary) -> None:
         self._changes += 1
-        self._entries[summary.id] = summary
+        self._set(summary.id, summary)
         self._changed_at[summary.id] = self._changes
 
     def forget(self, upload_id: str) -> None:
         self._changes += 1
-        self._entries.pop(upload_id, None)
+        self._set(upload_id, None)
         self._changed_at[upload_id] = self._changes
 
     def mark(self) -> int:
@@ -134,44 +152,49 @@ class UploadIndex:
 
         for summary in read:
             if not newer_here(summary.id):
-                self._entries[summary.id] = summary
+                self._set(summary.id, summary)
         for upload_id in [i for i in self._entries if i not in listed and not newer_here(i)]:
-            del self._entries[upload_id]
+            self._set(upload_id, None)
         # Only changes since the oldest refresh that may still be running matter; keep it small.
         self._changed_at = {i: n for i, n in self._changed_at.items() if n > mark}
 
     # -- counting ----------------------------------------------------------------------------
+    def _open_now(self, ids: Iterable[str], now: float) -> list[UploadSummary]:
+        return [s for i in ids if (s := self._entries[i]).open_at(now)]
+
     def open_counts(self, client: str, now: float) -> tuple[int, int]:
-        """(open uploads of ``client``, open uploads in all)."""
-        mine = total = 0
-        for s in self._entries.values():
-            if s.open_at(now):
-                total += 1
-                mine += s.client == client
+        """(open uploads of ``client``, open uploads in all), expiry judged at ``now``."""
+        mine = len(self._open_now(self._open.get(client, ()), now))
+        total = sum(len(self._open_now(ids, now)) for ids in self._open.values())
         return mine, total
 
     def open_total(self, now: float) -> int:
-        return sum(1 for s in self._entries.values() if s.open_at(now))
+        return sum(len(self._open_now(ids, now)) for ids in self._open.values())
 
     def check(self, caps: UploadCaps, client: str, now: float) -> None:
         """Raise ``TooManyOpenUploads`` (the client's cap first) or ``OpenUploadsFull`` when
-        one more upload of ``client`` would exceed a cap."""
-        mine, total = self.open_counts(client, now)
-        if caps.per_client and mine >= caps.per_client:
-            expiries = [s.expires for s in self._entries.values()
-                        if s.client == client and s.open_at(now) and s.state != "committing"]
-            wait = max(1.0, math.ceil(min(expiries) - now)) if expiries else None
-            who = "anonymous clients have" if client == ANONYMOUS else "this token has"
-            raise TooManyOpenUploads(
-                f"{who} {mine} open uploads, the most allowed ({caps.per_client}); finish or terminate "
-                f"(DELETE) one before creating another"
-                + (f"; the first idle one expires in {wait:.0f} s" if wait is not None else ""),
-                retry_after=wait)
-        if caps.total and total >= caps.total:
-            raise OpenUploadsFull(f"the gateway has {total} open uploads, the most it keeps ({caps.total}); "
-                                  f"try again later", retry_after=60.0)
+        one more upload of ``client`` would exceed a cap. O(1) below the caps: the open-state
+        counts bound the open ones; only at a cap are expiries judged."""
+        mine_ids = self._open.get(client, set())
+        if caps.per_client and len(mine_ids) >= caps.per_client:
+            mine = self._open_now(mine_ids, now)
+            if len(mine) >= caps.per_client:
+                expiries = [s.expires for s in mine if s.state != "committing"]
+                wait = max(1.0, math.ceil(min(expiries) - now)) if expiries else None
+                who = "anonymous clients have" if client == ANONYMOUS else "this token has"
+                raise TooManyOpenUploads(
+                    f"{who} {len(mine)} open uploads, the most allowed ({caps.per_client}); finish or terminate "
+                    f"(DELETE) one before creating another"
+                    + (f"; the first idle one expires in {wait:.0f} s" if wait is not None else ""),
+                    retry_after=wait)
+        if caps.total and self._open_count >= caps.total:
+            total = self.open_total(now)
+            if total >= caps.total:
+                raise OpenUploadsFull(f"the gateway has {total} open uploads, the most it keeps ({caps.total}); "
+                                      f"try again later", retry_after=60.0)
 
     def near_cap(self, caps: UploadCaps, client: str, now: float) -> bool:
-        """Whether a creation is close enough to a cap that the count should be fresh."""
-        mine, total = self.open_counts(client, now)
-        return bool((caps.per_client and 2 * mine >= caps.per_client) or (caps.total and 2 * total >= caps.total))
+        """Whether a creation is close enough to a cap that the count should be fresh (by the
+        open-state counts, an upper bound: O(1))."""
+        mine = len(self._open.get(client, ()))
+        return bool((caps.per_client and 2 * mine >= caps.per_client) or (caps.total and 2 * self._open_count >= caps.total))

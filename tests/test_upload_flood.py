@@ -27,6 +27,7 @@ from storage.backends.memory import MemoryBackend
 from storage.backends.observed import ObservedBackend
 from storage.locks import LockManager
 from storage.objects import ObjectStore, StoreOptions
+from storage.quota import ANONYMOUS, OpenUploadsFull, TooManyOpenUploads, UploadCaps, UploadIndex, UploadSummary, client_id
 from storage.uploads import UploadOptions, UploadSessions
 from tests.support.gateway import gateway_process
 
@@ -151,6 +152,73 @@ def test_anonymous_clients_share_one_count(tmp_path: Path) -> None:
                 assert status == 429 and "anonymous" in body["message"]
 
         asyncio.run(run())
+
+
+# ------------------------------------------------------------------------------ the count (pure)
+NOW = 1_900_000_000.0
+
+
+def summary(upload_id: str, client: str = "t:a", state: str = "receiving", expires: float = NOW + 100,
+            etag: str = "e1") -> UploadSummary:
+    return UploadSummary(upload_id, client, state, NOW - 10, expires, None, etag)
+
+
+@pytest.mark.parametrize(("entries", "client", "caps", "raises"), [
+    ([summary("1"), summary("2")], "t:a", UploadCaps(total=10, per_client=2), TooManyOpenUploads),
+    ([summary("1"), summary("2")], "t:b", UploadCaps(total=10, per_client=2), None),
+    ([summary("1"), summary("2", client="t:b")], "t:c", UploadCaps(total=2, per_client=5), OpenUploadsFull),
+    # An upload past its expiry frees its slot, before any sweep removes it...
+    ([summary("1"), summary("2", expires=NOW - 1)], "t:a", UploadCaps(total=10, per_client=2), None),
+    # ...but a commit in progress keeps its slot whatever its expiry.
+    ([summary("1"), summary("2", state="committing", expires=NOW - 1)], "t:a", UploadCaps(per_client=2), TooManyOpenUploads),
+    ([summary("1"), summary("2", state="complete")], "t:a", UploadCaps(per_client=2), None),
+    ([summary("1"), summary("2", state="aborted")], "t:a", UploadCaps(per_client=2), None),
+    # Records of an older release name no client: the total counts them, no client's cap does.
+    ([summary("1", client=""), summary("2", client="")], "t:a", UploadCaps(total=3, per_client=2), None),
+    ([summary("1", client=""), summary("2", client="")], "t:a", UploadCaps(total=2, per_client=2), OpenUploadsFull),
+    ([summary(str(i)) for i in range(5)], "t:a", UploadCaps(total=0, per_client=0), None),  # 0: no cap
+])
+def test_the_cap_counts_open_uploads(entries: list[UploadSummary], client: str, caps: UploadCaps,
+                                     raises: type | None) -> None:
+    index = UploadIndex()
+    for entry in entries:
+        index.note(entry)
+    if raises is None:
+        index.check(caps, client, NOW)
+    else:
+        with pytest.raises(raises) as info:
+            index.check(caps, client, NOW)
+        assert info.value.retry_after is None or info.value.retry_after >= 1
+
+
+def test_the_per_token_answer_says_when_the_first_idle_upload_expires() -> None:
+    index = UploadIndex()
+    index.note(summary("1", expires=NOW + 500))
+    index.note(summary("2", expires=NOW + 90.2))
+    with pytest.raises(TooManyOpenUploads) as info:
+        index.check(UploadCaps(per_client=2), "t:a", NOW)
+    assert info.value.retry_after == 91 and "expires in 91 s" in info.value.message
+
+
+def test_a_refresh_keeps_changes_made_here_while_it_listed_and_drops_what_is_gone() -> None:
+    index = UploadIndex()
+    index.note(summary("old"))
+    index.note(summary("done-elsewhere"))
+    mark = index.mark()
+    index.note(summary("new-here"))  # created while the listing ran: not in it
+    index.note(summary("old", state="complete", etag="e2"))  # finished here meanwhile
+    listed = {"old": "e1", "other-gw": "x1"}
+    assert sorted(index.changed(listed)) == ["old", "other-gw"]
+    index.merge(mark, listed, [summary("old", etag="e1"), summary("other-gw", client="t:b", etag="x1")])
+    assert {s.id for s in index.summaries()} == {"old", "new-here", "other-gw"}
+    assert index.get("old").state == "complete"  # ours is newer than what the listing saw
+    assert index.open_counts("t:a", NOW) == (1, 2)
+
+
+def test_clients_are_counted_by_a_hash_of_their_token() -> None:
+    assert client_id(None) == client_id("") == ANONYMOUS
+    assert client_id("alpha") != client_id("beta") and "alpha" not in client_id("alpha")
+    assert client_id("alpha") == client_id("alpha")
 
 
 # ------------------------------------------------------------------------------ the sweep
