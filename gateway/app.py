@@ -201,6 +201,8 @@ async def probe_store(app: web.Application) -> StoreCapabilities:
     caps = await probe(direct(store.backend))
     apply(store.backend, caps)
     store.manifests.conditional_deletes = caps.conditional_delete
+    if isinstance(store.locks, StoreLockManager):  # else lease records are marked released, never deleted
+        store.locks.conditional_deletes = caps.conditional_delete
     # Not probed (a full store): ask again on the next /readyz instead of a minute later.
     app["store_caps"] = (float("-inf") if caps.full else time.monotonic(), caps)
     if not caps.conditional_put and isinstance(store.locks, StoreLockManager):

@@ -113,6 +113,9 @@ class ServeConfig:
     store_read_timeout: float = 10.0  # per store request: no byte from the store for this long
     store_timeout: float = 30.0  # per store operation, retries and queueing included (0 = none)
     max_concurrent_uploads: int = 64
+    max_open_uploads: int = 10000  # tus uploads open at once over all clients (0 = no cap)
+    max_open_uploads_per_token: int = 1000  # ... per bearer token; anonymous clients count as one
+    max_upload_metadata: int = 4096  # bytes of a tus Upload-Metadata header (0 = only the 16 KiB header limit)
     min_upload_rate: int = 1024  # bytes/s a request body must average after --body-timeout seconds
     hook_url: str | None = None  # pre-create / post-finish / post-delete events go here (gateway.hooks)
     hook_timeout: float = 10.0
@@ -155,6 +158,12 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--store-max-concurrency", "store_max_concurrency", parse_nonneg_int, "store requests in flight at most"),
     ("--max-concurrent-uploads", "max_concurrent_uploads", parse_nonneg_int,
      "request bodies (PUT, tus PATCH/POST) received at once; more get 503 + Retry-After (0 = no cap)"),
+    ("--max-open-uploads", "max_open_uploads", parse_nonneg_int,
+     "tus uploads open at once over all clients; more get 503 (0 = no cap)"),
+    ("--max-open-uploads-per-token", "max_open_uploads_per_token", parse_nonneg_int,
+     "tus uploads open at once per bearer token (anonymous clients share one count); more get 429 (0 = no cap)"),
+    ("--max-upload-metadata", "max_upload_metadata", parse_size,
+     "largest tus Upload-Metadata header accepted; larger gets 431 (0 = only the 16KiB header limit)"),
     ("--min-upload-rate", "min_upload_rate", parse_size,
      "bytes/s a request body must average once --body-timeout has passed; slower gets 408 (0 = off)"),
     ("--store-max-rps", "store_max_rps", float, "store requests per second at most (0 = unlimited)"),

@@ -17,6 +17,7 @@ from storage import errors as se
 from storage.backends.base import BackendError
 from storage.keys import BadKey
 from storage.locks import LeaseLost, LockTimeout
+from storage.quota import OpenUploadsFull, TooManyOpenUploads
 
 log = logging.getLogger("chunkgate.http")
 
@@ -50,6 +51,11 @@ def to_response(exc: BaseException) -> web.Response | None:
         # Retry-After too: retrying is right, and clients that honour it space their retries.
         retry = str(max(1, math.ceil(exc.retry_after or 1)))
         return json_error(504, exc.code, exc.message, {"Retry-After": retry})
+    if isinstance(exc, TooManyOpenUploads):
+        headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else None
+        return json_error(429, exc.code, exc.message, headers)
+    if isinstance(exc, OpenUploadsFull):
+        return json_error(503, exc.code, exc.message, {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
     if isinstance(exc, se.StoreUnavailable):
         retry = str(max(1, math.ceil(exc.retry_after or 1)))
         return json_error(503, exc.code, exc.message, {"Retry-After": retry})

@@ -27,6 +27,7 @@ from gateway.errors import HTTPError, json_error, to_response
 from gateway.objects import BODY_READ_ERRORS, UploadRateFloor, upload_content_type
 from storage.errors import IncompleteBody
 from storage.keys import validate_key
+from storage.quota import UploadCaps, client_id
 from storage.uploads import (
     CHECKSUM_ALGORITHMS,
     BodyInterrupted,
@@ -189,6 +190,17 @@ def owner_of(request: web.Request) -> str:
     return f"{request.method} {request.get('request_id', '-')}"
 
 
+def client_of(request: web.Request) -> str:
+    """Whom a new upload counts against for --max-open-uploads-per-token: the bearer token (the
+    auth middleware has checked it) or, without configured tokens, one anonymous client (an
+    unchecked header must not buy a fresh count)."""
+    token = None
+    if request.app["config"].auth_token:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else None
+    return client_id(token)
+
+
 def upload_id_of(request: web.Request) -> str:
     upload_id = request.match_info["id"]
     if not valid_upload_id(upload_id):
@@ -256,6 +268,13 @@ async def create(request: web.Request) -> web.StreamResponse:
     if length is not None and length > max_size:
         raise HTTPError(413, "too_large", f"the upload is {length} bytes; at most {max_size} are accepted")
     raw_metadata = request.headers.get("Upload-Metadata", "")
+    metadata_limit = request.app["config"].max_upload_metadata
+    if metadata_limit and len(raw_metadata.encode("utf-8", "surrogateescape")) > metadata_limit:
+        # Kept in the upload's record and read back by every request on it: bounded (tus lets
+        # a server refuse metadata it will not keep).
+        raise HTTPError(431, "metadata_too_large",
+                        f"Upload-Metadata is {len(raw_metadata.encode('utf-8', 'surrogateescape'))} bytes; "
+                        f"at most {metadata_limit} are accepted")
     metadata = parse_metadata(raw_metadata)
     key = metadata.get("key")
     if not key:
@@ -266,12 +285,13 @@ async def create(request: web.Request) -> web.StreamResponse:
         raise HTTPError(415, "unsupported_media_type", f"an upload's bytes must be sent as {OFFSET_CONTENT_TYPE}")
     checksum = parse_checksum(request.headers.get("Upload-Checksum")) if body else None
     content_type = upload_content_type(key, metadata.get("content-type") or metadata.get("filetype"))
+    sessions = sessions_of(request)
+    await sessions.admit(client_of(request))  # over a cap: refused before the hook is asked
     upload_id = new_upload_id()  # chosen first, so the pre-create hook can name it
     await hooks.authorize(request, key=key, size=length, content_type=content_type, metadata=metadata, upload_id=upload_id)
-    sessions = sessions_of(request)
     status = await sessions.create(key, length=length, metadata=raw_metadata.strip(), content_type=content_type,
                                    owner=owner_of(request), meta={k: v or "" for k, v in metadata.items()},
-                                   upload_id=upload_id)
+                                   upload_id=upload_id, client=client_of(request))
     location = str(request.url.origin().join(request.app.router["tus_upload"].url_for(id=status.id)))
     if body:  # creation-with-upload
         try:
@@ -375,6 +395,7 @@ def upload_options(cfg: Any) -> UploadOptions:
         checksum_body_limit=max(64 * 1024 * 1024, 2 * cfg.chunk_size),
         sweep_interval=min(60.0, max(1.0, expiry / 4)),
         tombstone_seconds=max(60.0, min(expiry, 86400.0)),
+        caps=UploadCaps(total=int(cfg.max_open_uploads), per_client=int(cfg.max_open_uploads_per_token)),
     )
 
 

@@ -19,7 +19,7 @@ a writer whose record gc reads next (protected), or to a commit that landed befo
 records (as before) lost a tus upload that committed in between: it was in neither set.
 
 Must never: delete a chunk a committed manifest references or a writer may still commit; delete
-a lease record (fencing tokens rely on them); remove a record unconditionally; import aiohttp or
+a lease record (storage.leases removes its own); remove a record unconditionally; import aiohttp or
 ``gateway``.
 """
 

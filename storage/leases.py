@@ -18,9 +18,17 @@ once its own conservative deadline (measured from *before* its last successful w
 passed -- so a holder that slept through its expiry never commits under a lease someone else
 may hold.
 
-Records are never deleted, only marked released: deleting needs an unconditional delete, which
-could remove a record another gateway just took over, and a kept record keeps fencing tokens
-strictly increasing per key across all gateways. They are a few hundred bytes per key ever locked.
+A released lease's record is removed by a conditional delete (``If-Match`` its ETag): a record
+another gateway took over or re-created meanwhile has another ETag, so the delete fails and the
+newer holder's record stays. A record a crashed holder left is removed by ``sweep_records``
+(run with ``clear_stale``) once a waiter could take it over: released, or expired by the same
+rule a waiter uses, or seen unchanged for ``stale_after`` on the sweeper's own monotonic clock;
+again by ``If-Match``, so a renewal or take-over that lands first keeps its record. On a store
+that does not honour conditional deletes (``storage.probe``) records are only marked released,
+never deleted. Fencing tokens grow by one on every take-over; a record created afresh starts at
+the wall clock in microseconds, so tokens still grow across removals (as long as clocks agree
+better than the time between two holders). Nothing's safety rests on the token: every write
+under a lease is fenced by the holder's deadline (``check()``) and is itself conditional.
 
 Expiry is written with the holder's wall clock and judged with the waiter's, so a waiter whose
 clock runs ahead would take over a lease that is still being renewed. Two rules make a takeover
@@ -33,7 +41,8 @@ waiter therefore waits at most about ``stale_after`` for a dead holder, and neve
 live one within the tolerated skew.
 
 Must never: let two leases of one key be valid at once as far as ``check()`` can tell (a valid
-lease's deadline always ends before its record's expiry); delete a lease record; let a renewal
+lease's deadline always ends before its record's expiry); delete a lease record unconditionally
+or one a waiter could not yet take over; let a renewal
 or a take-over wait behind data traffic (build it on the backend *below* any limiter); import
 aiohttp or ``gateway``.
 """
@@ -96,6 +105,7 @@ class StoreLockStats:
         self.lease_conflicts = 0
         self.takeovers = 0
         self.remote_release_requests = 0
+        self.records_removed = 0  # lease records (and release requests) removed by sweep_records
 
     @property
     def stale_cleared(self) -> int:
@@ -211,6 +221,11 @@ class StoreLockManager:
         self._on_wait = on_wait
         self._slots: dict[str, _Slot] = {}
         self.stats = StoreLockStats(self)
+        # Set from the startup probe (storage.probe): without conditional deletes a record is
+        # never deleted (an unconditional delete could take a newer holder's record with it).
+        self.conditional_deletes = True
+        # sweep_records' memory: store key -> (ETag, monotonic time first seen with it, record)
+        self._swept: dict[str, tuple[str, float, dict[str, Any]]] = {}
 
     # -- the Locker protocol ---------------------------------------------------------------
 
@@ -257,7 +272,77 @@ class StoreLockManager:
         return _hold(cast(Locker, self), key, owner=owner, timeout=timeout, request_release=request_release)
 
     async def clear_stale(self) -> int:
-        return await self.local.clear_stale()
+        """Clear stale in-process leases, then remove the store's lease records that nobody can
+        hold any more (``sweep_records``); return how many of both."""
+        cleared = await self.local.clear_stale()
+        try:
+            cleared += await self.sweep_records()
+        except (TransientError, PermanentError) as exc:
+            log.warning("sweeping lease records failed (tried again later): %s", exc)
+        return cleared
+
+    async def sweep_records(self) -> int:
+        """Remove lease records a waiter could take over now: released ones (left when a
+        release's delete failed, or by an older release), expired ones (``expires`` is
+        ``max_clock_skew`` in our past, as a waiter judges), and ones seen unchanged for
+        ``stale_after`` on our own monotonic clock; release requests once a live holder has
+        surely seen them. Each by ``If-Match`` on the ETag judged, so a renewal or a take-over
+        that lands first keeps its record. A record is read only when its listed ETag is new to
+        this sweeper, so a sweep costs one listing plus the records that changed. Returns how
+        many were removed."""
+        if not self.conditional_deletes:
+            return 0
+        now, mono = self._clock(), self._monotonic()
+        mine: set[str] = set()
+        for slot in self._slots.values():
+            if not slot.lost and slot.renewer is not None and not slot.renewer.done():
+                mine |= {keys.lease_key(slot.key), release_request_key(slot.key)}
+        seen: dict[str, tuple[str, float, dict[str, Any]]] = {}
+        doomed: list[tuple[str, str]] = []
+        async for info in self.backend.list(keys.LEASE_PREFIX):
+            if info.key in mine:
+                continue
+            before = self._swept.get(info.key)
+            if before is not None and before[0] == info.etag:
+                etag, since, record = before
+            else:
+                try:
+                    blob = await self.backend.get(info.key)
+                except NotFound:
+                    continue
+                etag, since = blob.etag, mono
+                record = self._judged(info.key, blob.data)
+            seen[info.key] = (etag, since, record)
+            expires = float(record.get("expires", float("inf")))
+            if record.get("released") or expires + self.max_clock_skew <= now or mono - since > self.stale_after:
+                doomed.append((info.key, etag))
+        self._swept = seen
+        removed = 0
+        for lkey, etag in doomed:
+            try:
+                await self.backend.delete(lkey, if_match=etag)
+            except PreconditionFailed:
+                continue  # renewed, taken over or re-created meanwhile: it stays
+            except (TransientError, PermanentError) as exc:
+                log.warning("could not remove the lease record %s (tried again later): %s", lkey, exc)
+                continue
+            seen.pop(lkey, None)
+            removed += 1
+        self.stats.records_removed += removed
+        return removed
+
+    def _judged(self, lkey: str, data: bytes) -> dict[str, Any]:
+        """What ``sweep_records`` judges a stored record by: the lease record itself; for a
+        release request, an expiry ``stale_after`` after it was asked (a live holder looks for
+        requests at every renewal, ``stale_after / 3``); an unreadable one never expires by
+        content, only by being seen unchanged."""
+        if lkey.endswith(".release"):
+            try:
+                doc = json.loads(data)
+                return {"expires": float(doc["at"]) + self.stale_after}
+            except (ValueError, KeyError, TypeError):
+                return {}
+        return self._parse(data) or {}
 
     def snapshot(self) -> dict[str, Any]:
         snap = self.local.snapshot()
@@ -276,6 +361,7 @@ class StoreLockManager:
             wait_seconds_sum=self.stats.wait_seconds_sum,
             lease_conflicts=self.stats.lease_conflicts,
             takeovers=self.stats.takeovers,
+            records_removed=self.stats.records_removed,
         )
         return snap
 
@@ -340,10 +426,18 @@ class StoreLockManager:
     def _release_orphan(self, key: str, record: dict[str, Any], put: asyncio.Future[str]) -> None:
         if put.cancelled() or put.exception() is not None:
             return
-        released = dict(record, released=True, expires=self._clock())
-        data = json.dumps(released, sort_keys=True).encode()
-        task = asyncio.ensure_future(self.backend.put(keys.lease_key(key), data, if_match=put.result()))
+        task = asyncio.ensure_future(self._free_record(key, record, put.result()))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _free_record(self, key: str, record: dict[str, Any], etag: str) -> None:
+        """Give up our record of ``key`` (ETag ``etag``): removed by a conditional delete, or
+        marked released where the store ignores conditional deletes. Raises the store's errors;
+        ``PreconditionFailed`` when it is not ours any more (nothing of ours to free)."""
+        if self.conditional_deletes:
+            await self.backend.delete(keys.lease_key(key), if_match=etag)
+            return
+        released = dict(record, released=True, expires=self._clock())
+        await self.backend.put(keys.lease_key(key), json.dumps(released, sort_keys=True).encode(), if_match=etag)
 
     async def _take(self, key: str, owner: str, started: float, deadline: float, request_release: bool) -> _Slot:
         """Get the store record of ``key`` for this gateway, waiting while another holds it."""
@@ -407,13 +501,16 @@ class StoreLockManager:
         try:
             blob = await self.backend.get(lkey)
         except NotFound:
-            record = self._record(key, owner, 1)
+            # No record (never locked, or removed after its release): start from the wall clock in
+            # microseconds, so tokens keep growing across removals (see the module docstring).
+            token = max(1, int(self._clock() * 1_000_000))
+            record = self._record(key, owner, token)
             try:
                 etag, until = await self._write(key, record, if_none_match=True)
             except PreconditionFailed:
                 self.stats.lease_conflicts += 1
                 return None
-            return _Slot(key, 1, etag, record, until)
+            return _Slot(key, token, etag, record, until)
         current = self._parse(blob.data)
         if current is None:
             # Damaged (or a short read a store let through): it may still be someone's live
@@ -497,8 +594,9 @@ class StoreLockManager:
         if isinstance(doc, dict) and doc.get("token") == slot.token:
             lease.release_requested.set()
         try:
-            await self.backend.delete(release_request_key(slot.key))
-        except (TransientError, PermanentError):
+            # Conditional where the store honours it: a newer request written meanwhile stays.
+            await self.backend.delete(release_request_key(slot.key), if_match=blob.etag if self.conditional_deletes else None)
+        except (PreconditionFailed, TransientError, PermanentError):
             pass
 
     async def _drop(self, slot: _Slot, *, release_record: bool) -> None:
@@ -512,16 +610,16 @@ class StoreLockManager:
         was_lost = slot.lost
         if not slot.lost:
             slot.lost = "was released"
-        if not release_record or was_lost or self._monotonic() > slot.valid_until:
+        if not release_record or was_lost:
             return
-        record = dict(slot.record, released=True, expires=self._clock())
+        # Whatever our deadline says: the condition (our ETag) is the arbiter, so a record taken
+        # over or re-created since is never touched.
         try:
-            await self.backend.put(keys.lease_key(slot.key), json.dumps(record, sort_keys=True).encode(),
-                                   if_match=slot.etag)
+            await self._free_record(slot.key, slot.record, slot.etag)
         except PreconditionFailed:
             pass  # someone took it over already: nothing of ours to release
         except (TransientError, PermanentError) as exc:
-            log.warning("could not release the lease of %r in the store (it expires by itself): %s", slot.key, exc)
+            log.warning("could not release the lease of %r in the store (it expires, and is swept): %s", slot.key, exc)
 
     def _now(self) -> float:
         return self.local._now()
@@ -535,7 +633,9 @@ class StoreLockManager:
         try:
             # The store record first, so the next holder (here or elsewhere) finds it free.
             if self._slots.get(lease.key) is lease._slot:
-                await asyncio.shield(self._drop(lease._slot, release_record=lease._local.valid))
+                # Even when the in-process lease was cleared as stale: the record is only ever
+                # freed by its own ETag, so a holder that took it over since keeps it.
+                await asyncio.shield(self._drop(lease._slot, release_record=lease._local.valid or self.conditional_deletes))
             else:
                 lease._slot.lost = lease._slot.lost or "was released"
         finally:

@@ -59,6 +59,7 @@ from storage.locks import LeaseLost
 from storage.manifest import ChunkRef, Manifest, block_count
 from storage.manifests import Contention, Event, Outcome, identity, version_of
 from storage.objects import ChunkWriter, CommitAttempt, ObjectStore, sha256_hex
+from storage.quota import ANONYMOUS, UploadCaps, UploadIndex, UploadSummary
 
 log = logging.getLogger("chunkgate.uploads")
 
@@ -137,6 +138,9 @@ class UploadState(str, Enum):
 
 
 LIVE_STATES = frozenset({UploadState.PENDING, UploadState.RECEIVING, UploadState.COMMITTING})
+_LIVE_VALUES = frozenset(s.value for s in LIVE_STATES)
+_DAMAGED = "damaged"  # the index's state for a record it cannot parse
+_SCAN_READS = 16  # upload records read at once by a sweep
 
 
 # ------------------------------------------------------------------------------------ records
@@ -164,6 +168,7 @@ class UploadRecord:
     # before its commit could land, so the upload took effect and was replaced at once.
     superseded: bool = False
     meta: dict[str, str] = field(default_factory=dict)  # the tus metadata as a map (hook events)
+    client: str = ""  # who it counts against (storage.quota.client_id); "" in older records
 
     def to_json(self) -> bytes:
         doc = {
@@ -173,7 +178,7 @@ class UploadRecord:
             "state": self.state.value, "hashes": {str(i): h for i, h in sorted(self.hashes.items())},
             "blocks": {str(i): b for i, b in sorted(self.blocks.items())},
             "finished": self.finished, "replaces": self.replaces, "replaces_known": self.replaces_known,
-            "superseded": self.superseded, "meta": self.meta,
+            "superseded": self.superseded, "meta": self.meta, "client": self.client,
         }
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -196,6 +201,7 @@ class UploadRecord:
                 replaces_known=bool(doc.get("replaces_known", False)),
                 superseded=bool(doc.get("superseded", False)),
                 meta={str(k): str(v) for k, v in (doc.get("meta") or {}).items()},
+                client=str(doc.get("client") or ""),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreFailed(f"an upload record is damaged: {exc}") from None
@@ -228,6 +234,8 @@ class UploadOptions:
     sweep_interval: float = 60.0
     # Terminal records are kept this long (HEAD answers 410, not 404), then removed by the sweep.
     tombstone_seconds: float = 3600.0
+    # Open uploads allowed per client and in all (storage.quota).
+    caps: UploadCaps = field(default_factory=UploadCaps)
 
 
 @dataclass
@@ -260,6 +268,11 @@ class _Durable:
     @property
     def done_receiving(self) -> bool:
         return self.record.length is not None and self.offset == self.record.length
+
+
+def _summary(record: UploadRecord, etag: str) -> UploadSummary:
+    return UploadSummary(record.id, record.client, record.state.value, record.created, record.expires,
+                         record.finished, etag)
 
 
 def new_upload_id() -> str:
@@ -351,12 +364,17 @@ class UploadSessions:
         self._monotonic = monotonic
         # Announce each completed upload's commit (hooks): set from --hook-url by the gateway.
         self.announce = False
-        self._live: set[str] = set()  # ids of live sessions this gateway knows of (a gauge)
+        # Every upload record in the store, summarized (storage.quota): the cap counts from it,
+        # and the sweeper reads only the records whose listed ETag it does not know yet.
+        self.index = UploadIndex()
+        self._scanning = asyncio.Lock()
+        self._scanned_at = float("-inf")  # monotonic
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def in_progress(self) -> int:
-        return len(self._live)
+        """Open uploads in the store (as of this gateway's index), whichever gateway has them."""
+        return self.index.open_total(self._clock())
 
     def lock(self, upload_id: str, *, owner: str, request_release: bool = True) -> AbstractAsyncContextManager[Any]:
         """The upload's lock. By default a new request asks the current holder to let go: a
@@ -367,28 +385,51 @@ class UploadSessions:
     # -------------------------------------------------------------------------- create
     async def create(self, key: str, *, length: int | None, metadata: str, content_type: str,
                      owner: str = "tus-create", meta: dict[str, str] | None = None,
-                     upload_id: str | None = None) -> UploadStatus:
+                     upload_id: str | None = None, client: str = ANONYMOUS) -> UploadStatus:
         """A new session; ``upload_id``: the id to give it (``new_upload_id()``), when the caller
-        had to name it before (the pre-create hook), else a fresh one."""
+        had to name it before (the pre-create hook), else a fresh one. ``client``: whom it
+        counts against (``storage.quota.client_id``); raises ``TooManyOpenUploads`` or
+        ``OpenUploadsFull`` when it would exceed a cap (nothing is stored then)."""
         # A key the store cannot hold is refused here, before anything is stored: found only at
         # commit time, it left an upload that could never complete and pinned its chunks.
         self.store.manifests.check_key(key)
         if length is not None and length > self.options.max_size:
             raise UploadTooLarge(f"the upload is {length} bytes; at most {self.options.max_size} are accepted")
+        await self.admit(client)
         now = self._clock()
+        self.index.check(self.options.caps, client, now)  # again: no await from here to the reservation
         record = UploadRecord(
             id=upload_id or new_upload_id(), key=key, version=keys.new_version(now), length=length,
             chunk_size=self.options.chunk_size, content_type=content_type, metadata=metadata,
-            created=now, expires=now + self.options.expiry, meta=dict(meta or {}),
+            created=now, expires=now + self.options.expiry, meta=dict(meta or {}), client=client,
         )
-        etag = await _guard("creating the upload record",
-                            self.backend.put(info_key(record.id), record.to_json(), if_none_match=True))
+        self.index.note(_summary(record, ""))  # the slot is taken before the first await
+        try:
+            etag = await _guard("creating the upload record",
+                                self.backend.put(info_key(record.id), record.to_json(), if_none_match=True))
+        except BaseException:
+            # Not stored (or unknown: then the next refresh finds it and counts it again).
+            self.index.forget(record.id)
+            raise
+        self.index.note(_summary(record, etag))
         self.stats.created += 1
-        self._live.add(record.id)
         if length == 0:
             async with self.lock(record.id, owner=owner) as lease:
                 await self._complete(_Durable(record, etag, [], None, []), lease)
         return UploadStatus(record.id, key, record.state, 0, length, record.expires, metadata)
+
+    async def admit(self, client: str) -> None:
+        """Raise ``TooManyOpenUploads`` / ``OpenUploadsFull`` if one more upload of ``client``
+        would exceed a cap (``create`` asks too; the gateway asks first, before the pre-create
+        hook). Before the first count, and close to a cap, the count is refreshed from the store
+        first (other gateways' uploads, ones finished elsewhere), at most every ``refresh_seconds``."""
+        caps = self.options.caps
+        if (caps.total or caps.per_client) and (self._scanned_at == float("-inf")
+                                                or self.index.near_cap(caps, client, self._clock())):
+            # Never counted yet (just started: the first sweep may still be running), or close
+            # to a cap: count what the store holds first.
+            await self.refresh(max_age=caps.refresh_seconds)
+        self.index.check(caps, client, self._clock())
 
     # -------------------------------------------------------------------------- status
     async def status(self, upload_id: str, lease: Any) -> UploadStatus:
@@ -530,77 +571,117 @@ class UploadSessions:
         if record.state is UploadState.COMPLETE:
             lease.check()
             await _guard("deleting the upload record", self.backend.delete(info_key(upload_id)))
-            self._live.discard(upload_id)
+            self.index.forget(upload_id)
             return
         record.state = UploadState.ABORTED
         record.finished = self._clock()
-        await self._put_record(durable, lease)
+        await self._put_record(durable, lease)  # frees its slot (storage.quota counts from the record)
         self.stats.aborted += 1
-        self._live.discard(upload_id)
         await self._delete_data(record, lease)
 
     # -------------------------------------------------------------------------- sweeping
     async def sweep(self) -> int:
         """Expire live uploads past their expiry (their data is deleted) and drop old terminal
         records. Uploads whose lock is held right now are active and skipped. Returns how many
-        uploads expired."""
+        uploads expired.
+
+        Works from the index (``storage.quota``): one listing of ``u/``, then a read of only the
+        records whose listed ETag is new, so N idle uploads cost one listing per sweep, not N
+        reads. A record is read again under its lease before anything is done to it."""
+        async with self._scanning:
+            listed, tails = await self._scan()
         now = self._clock()
         expired = 0
-        seen_live: set[str] = set()
-        ids: list[str] = []
-        tails: dict[str, list[ObjectInfo]] = {}
-        async for info in self._list(keys.UPLOAD_PREFIX):
-            rest = info.key[len(keys.UPLOAD_PREFIX):]
-            upload_id, _, tail = rest.partition("/")
-            if tail == "info" and valid_upload_id(upload_id):
-                ids.append(upload_id)
-            elif tail.startswith("t/"):
-                tails.setdefault(upload_id, []).append(info)
-        await self._sweep_orphan_tails(tails, set(ids), now)
-        for upload_id in ids:
-            try:
-                record, _etag = await self._read_record(upload_id)
-            except (UploadNotFound, StoreFailed, StoreUnavailable):
-                continue
-            due_live = record.state in LIVE_STATES and record.expires <= now
-            due_tomb = record.state not in LIVE_STATES and (record.finished or record.created) + self.options.tombstone_seconds <= now
-            if record.state in LIVE_STATES and not due_live:
-                seen_live.add(upload_id)
-                continue
+        await self._sweep_orphan_tails(tails, set(listed), now)
+        for summary in self.index.summaries():
+            if summary.id not in listed or summary.state == _DAMAGED:
+                continue  # created since the listing; or unreadable (left alone, as before)
+            live = summary.state in _LIVE_VALUES
+            due_live = live and summary.expires <= now
+            due_tomb = not live and (summary.finished or summary.created) + self.options.tombstone_seconds <= now
             if not (due_live or due_tomb):
                 continue
+            upload_id = summary.id
             try:
                 lease = await self.locks.acquire(lock_key(upload_id), owner="tus-sweep", timeout=0.0)
             except Exception:  # held: someone is using it right now
-                if record.state in LIVE_STATES:
-                    seen_live.add(upload_id)
                 continue
             try:
                 if due_live:
                     try:
                         # Expires it (and deletes its data), or finishes a crashed commit.
-                        status = await self.status(upload_id, lease)
+                        await self.status(upload_id, lease)
                     except UploadGone:
                         expired += 1
                     except UploadNotFound:
                         pass
-                    else:
-                        if status.state in LIVE_STATES:
-                            seen_live.add(upload_id)
                 else:
+                    record, _etag = await self._read_record(upload_id)
+                    if record.state in LIVE_STATES:
+                        continue  # cannot be (terminal states are final); leave it to the next sweep
                     if record.state is not UploadState.COMPLETE:
                         await self._delete_data(record, lease)  # in case a crash interrupted it
                     else:  # a tail a stalled request wrote after the upload completed
                         await self._remove([k async for k in self._keys(tail_prefix(upload_id))], lease)
                     lease.check()
                     await _guard("deleting an upload record", self.backend.delete(info_key(upload_id)))
+                    self.index.forget(upload_id)
             except Exception as exc:  # one bad upload must not stop the sweep
                 log.warning("sweeping upload %s failed: %s", upload_id, exc)
             finally:
                 await lease.release()
-        # Keep ids created after the listing; the rest is what the store says now.
-        self._live = seen_live | (self._live - set(ids))
         return expired
+
+    async def refresh(self, *, max_age: float = 0.0) -> None:
+        """Bring the index up to date with the store, unless it is at most ``max_age`` seconds
+        old; one refresh at a time however many callers ask."""
+        async with self._scanning:
+            if self._monotonic() - self._scanned_at <= max_age:
+                return
+            await self._scan()
+
+    async def _scan(self) -> tuple[dict[str, str], dict[str, list[ObjectInfo]]]:
+        """List ``u/`` once; read the records whose ETag is new to the index; merge. Returns the
+        listed records (id -> ETag) and the tails by upload id. Caller holds ``_scanning``."""
+        mark = self.index.mark()
+        listed: dict[str, str] = {}
+        tails: dict[str, list[ObjectInfo]] = {}
+        async for info in self._list(keys.UPLOAD_PREFIX):
+            rest = info.key[len(keys.UPLOAD_PREFIX):]
+            upload_id, _, tail = rest.partition("/")
+            if tail == "info" and valid_upload_id(upload_id):
+                listed[upload_id] = info.etag
+            elif tail.startswith("t/"):
+                tails.setdefault(upload_id, []).append(info)
+        read: list[UploadSummary] = []
+        slots = asyncio.Semaphore(_SCAN_READS)  # after a restart every record is read once: not one by one
+
+        async def read_one(upload_id: str) -> None:
+            async with slots:
+                try:
+                    blob = await _guard("reading the upload record", self.backend.get(info_key(upload_id)))
+                except NotFound:
+                    listed.pop(upload_id, None)  # gone since the listing
+                    return
+                except (StoreFailed, StoreUnavailable) as exc:
+                    log.warning("could not read the record of upload %s (tried again next sweep): %s", upload_id, exc)
+                    if self.index.get(upload_id) is None:
+                        listed.pop(upload_id, None)  # neither counted nor swept until it can be read
+                    return
+            try:
+                record = UploadRecord.from_json(blob.data)
+            except StoreFailed as exc:
+                log.warning("upload record %s is unreadable and left alone: %s", upload_id, exc)
+                read.append(UploadSummary(upload_id, "", _DAMAGED, 0.0, 0.0, None, listed[upload_id]))
+                return
+            # Under the listed ETag: if the record changed since the listing, the next listing
+            # shows another ETag and it is read again.
+            read.append(_summary(record, listed[upload_id]))
+
+        await asyncio.gather(*(read_one(upload_id) for upload_id in self.index.changed(listed)))
+        self.index.merge(mark, listed, read)
+        self._scanned_at = self._monotonic()
+        return listed, tails
 
     async def _sweep_orphan_tails(self, tails: dict[str, list[ObjectInfo]], records: set[str], now: float) -> None:
         """Tails whose upload record is gone (a write delayed on the wire landed after the
@@ -652,8 +733,12 @@ class UploadSessions:
         try:
             blob = await _guard("reading the upload record", self.backend.get(info_key(upload_id)))
         except NotFound:
+            if self.index.get(upload_id) is not None:
+                self.index.forget(upload_id)
             raise UploadNotFound(f"no upload {upload_id!r}") from None
-        return UploadRecord.from_json(blob.data), blob.etag
+        record = UploadRecord.from_json(blob.data)
+        self.index.note(_summary(record, blob.etag))
+        return record, blob.etag
 
     async def _keys(self, prefix: str) -> Any:
         async for info in self._list(prefix):
@@ -682,7 +767,6 @@ class UploadSessions:
             record.finished = self._clock()
             await self._put_record(durable, lease)
             self.stats.expired += 1
-            self._live.discard(upload_id)
             await self._delete_data(record, lease)
             raise UploadGone(f"upload {upload_id} expired")
         return durable
@@ -696,6 +780,7 @@ class UploadSessions:
             )
         except PreconditionFailed:
             raise UploadConflict("the upload record changed underneath this request; ask HEAD for the offset") from None
+        self.index.note(_summary(durable.record, durable.record_etag))
 
     async def _remove(self, store_keys: list[str], lease: Any) -> None:
         for k in store_keys:
@@ -852,7 +937,6 @@ class UploadSessions:
         record.state = UploadState.ABORTED
         record.finished = self._clock()
         await self._put_record(durable, lease)
-        self._live.discard(record.id)
         self.stats.aborted += 1
         log.warning("upload %s aborted: %s", record.id, why)
         if may_be_named:
@@ -866,7 +950,6 @@ class UploadSessions:
         record.finished = self._clock()
         await self._put_record(durable, lease)
         self.stats.completed += 1
-        self._live.discard(record.id)
         # Tails only: the version's chunks are the object's now (or were, and are deleted with
         # it), and chunks left beyond them by a stale writer are unreferenced: gc takes them.
         await self._remove([k async for k in self._keys(tail_prefix(record.id))], lease)

@@ -4,7 +4,8 @@ their own process-local state -- over one shared backend.
 Covers exclusion across managers, hand-off on release, background renewal keeping a lease alive
 past ``stale_after``, take-over of an expired lease, fencing of a frozen holder (its check, its
 renewal and its commit all refused), in-process coalescing (one store lease request per key per
-gateway), release requests across managers, statistics and the stack's choice of locker.
+gateway), release requests across managers, statistics and the stack's choice of locker; lease
+records removed on release (never a newer holder's) and swept when a crashed holder left them.
 Real clocks with short limits; assertions are on outcomes, never on durations."""
 
 from __future__ import annotations
@@ -97,21 +98,98 @@ async def body(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-async def test_lease_record_carries_owner_token_and_expiry_and_is_released_not_deleted() -> None:
+async def test_lease_record_carries_owner_token_and_expiry_and_is_deleted_on_release() -> None:
     store = MemoryBackend()
     a = manager(store, gateway="gw-a")
     lease = await a.acquire("videos/x.mp4", owner="put-1")
     rec = await record_of(store, "videos/x.mp4")
-    assert (rec["owner"], rec["gateway"], rec["token"], rec["released"]) == ("put-1", "gw-a", 1, False)
+    assert (rec["owner"], rec["gateway"], rec["token"], rec["released"]) == ("put-1", "gw-a", lease.token, False)
     assert rec["expires"] > rec["renewed"]
-    assert lease.token == 1 and lease.valid
+    assert lease.valid
     await lease.release()
-    rec = await record_of(store, "videos/x.mp4")
-    assert rec["released"] is True
+    assert [k async for k in store.list(keys.LEASE_PREFIX)] == []  # nothing left behind
     with pytest.raises(LeaseLost):
         lease.check()
     again = await a.acquire("videos/x.mp4", owner="put-2")
-    assert again.token == 2  # tokens keep growing because the record is kept
+    assert again.token > lease.token  # tokens keep growing across removals (wall clock)
+    await again.release()
+    assert [k async for k in store.list(keys.LEASE_PREFIX)] == []
+
+
+async def test_a_release_never_removes_the_record_of_whoever_took_the_lease_over() -> None:
+    # Holder a stalls; b takes its expired lease over; a's release arrives late. Its delete is
+    # conditional on a's own ETag, so b's record stays and b still excludes everyone else.
+    shared = MemoryBackend()
+    view = Freezable(shared)
+    a, b, c = manager(view, gateway="a"), manager(shared, gateway="b"), manager(shared, gateway="c")
+    lease_a = await a.acquire("k", owner="a")
+    view.thawed.clear()
+    lease_b = await b.acquire("k", owner="b", timeout=5)
+    view.thawed.set()
+    await lease_a.release()
+    rec = await record_of(shared, "k")
+    assert rec["gateway"] == "b" and rec["token"] == lease_b.token
+    lease_b.check()
+    with pytest.raises(LockTimeout):
+        await c.acquire("k", owner="c", timeout=STALE / 2)
+    await lease_b.release()
+    assert [k async for k in shared.list(keys.LEASE_PREFIX)] == []
+    lease_c = await c.acquire("k", owner="c", timeout=1)
+    await lease_c.release()
+
+
+async def test_records_left_by_a_crashed_holder_are_swept_once_stale_and_live_ones_stay() -> None:
+    shared = MemoryBackend()
+    view = Freezable(shared)
+    dead, live, sweeper = manager(view, gateway="dead"), manager(shared, gateway="live"), manager(shared, gateway="s")
+    await dead.acquire("crashed-key", owner="killed")
+    view.thawed.clear()  # the process is gone: no renewal, no release ever reaches the store
+    # A waiter that asked the dead holder to let go leaves a release request behind.
+    with pytest.raises(LockTimeout):
+        await live.acquire("crashed-key", owner="w", timeout=STALE / 4, request_release=True)
+    held = await live.acquire("busy-key", owner="long-upload")
+    assert await sweeper.sweep_records() == 0  # nothing is stale yet
+    lkeys = {k.key async for k in shared.list(keys.LEASE_PREFIX)}
+    assert keys.lease_key("crashed-key") in lkeys and keys.lease_key("crashed-key") + ".release" in lkeys
+    for _ in range(40):
+        await asyncio.sleep(STALE / 2)
+        held.renew()
+        await sweeper.sweep_records()
+        if {k.key async for k in shared.list(keys.LEASE_PREFIX)} == {keys.lease_key("busy-key")}:
+            break
+    assert {k.key async for k in shared.list(keys.LEASE_PREFIX)} == {keys.lease_key("busy-key")}
+    held.check()  # the live holder's record was never touched
+    assert (await record_of(shared, "busy-key"))["gateway"] == "live"
+    assert sweeper.stats.records_removed == 2
+    await held.release()
+    assert [k async for k in shared.list(keys.LEASE_PREFIX)] == []
+
+
+async def test_a_sweep_reads_only_lease_records_that_changed() -> None:
+    shared = MemoryBackend()
+    view = Freezable(shared)
+    sweeper = manager(view, gateway="s", stale_after=60.0)
+    owners = [manager(shared, gateway=f"g{i}", stale_after=60.0) for i in range(5)]
+    leases = [await g.acquire(f"k{i}", owner="o") for i, g in enumerate(owners)]
+    await sweeper.sweep_records()
+    first = sum(1 for op, _ in view.calls if op == "get")
+    view.calls.clear()
+    await sweeper.sweep_records()
+    assert first == 5 and sum(1 for op, _ in view.calls if op == "get") == 0
+    for lease in leases:
+        await lease.release()
+
+
+async def test_without_conditional_deletes_a_release_only_marks_the_record() -> None:
+    store = MemoryBackend()
+    a = manager(store, gateway="a")
+    a.conditional_deletes = False  # what storage.probe reports for such a store
+    lease = await a.acquire("k", owner="o")
+    await lease.release()
+    assert (await record_of(store, "k"))["released"] is True
+    assert await a.sweep_records() == 0
+    again = await a.acquire("k", owner="o2", timeout=1)
+    assert again.token == lease.token + 1
     await again.release()
 
 
@@ -242,8 +320,7 @@ async def test_three_gateways_never_hold_one_key_at_once() -> None:
 
     await asyncio.gather(*(worker(g, n) for g in gateways for n in range(8)))
     assert peak == 1 and done == 24
-    tokens = (await record_of(shared, "hot"))["token"]
-    assert tokens == 24  # one store lease per acquisition, tokens never reused
+    assert [k async for k in shared.list(keys.LEASE_PREFIX)] == []  # every record removed on release
     assert sum(g.stats.takeovers for g in gateways) == 0
 
 
@@ -315,7 +392,7 @@ async def test_snapshot_and_stats_report_store_details() -> None:
     snap = a.snapshot()
     assert snap["mode"] == "store" and snap["gateway"] == "gw"
     (entry,) = snap["locks"]
-    assert entry["key"] == "k" and entry["owner"] == "o" and entry["store_token"] == 1
+    assert entry["key"] == "k" and entry["owner"] == "o" and entry["store_token"] == lease.token
     assert {"lease_conflicts", "takeovers", "acquisitions"} <= set(snap["totals"])
     assert a.stats.active() == 1
     await lease.release()
