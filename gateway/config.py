@@ -111,6 +111,8 @@ class ServeConfig:
     store_max_rps: float = 0.0
     max_concurrent_uploads: int = 64
     min_upload_rate: int = 1024  # bytes/s a request body must average after --body-timeout seconds
+    send_timeout: float = 60.0  # a response the client takes no byte of for this long is closed (gateway.sending)
+    min_download_rate: int = 16 * 1024  # bytes/s a response must be taken at, over each --send-timeout window
     hook_url: str | None = None  # pre-create / post-finish / post-delete events go here (gateway.hooks)
     hook_timeout: float = 10.0
     hook_retry_max: float = 60.0  # post-* deliveries back off exponentially up to this (storage.outbox)
@@ -154,6 +156,10 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "request bodies (PUT, tus PATCH/POST) received at once; more get 503 + Retry-After (0 = no cap)"),
     ("--min-upload-rate", "min_upload_rate", parse_size,
      "bytes/s a request body must average once --body-timeout has passed; slower gets 408 (0 = off)"),
+    ("--send-timeout", "send_timeout", parse_duration,
+     "a response body the client takes no byte of for this long is closed (0 = never)"),
+    ("--min-download-rate", "min_download_rate", parse_size,
+     "bytes/s a client must take a response body at, averaged over --send-timeout; slower is closed (0 = off)"),
     ("--store-max-rps", "store_max_rps", float, "store requests per second at most (0 = unlimited)"),
     ("--active-content", "active_content", str,
      "how uploads that are not media are served: sandbox (default), attachment, or inline (only on a host of its own)"),
@@ -236,6 +242,8 @@ def validate(cfg: ServeConfig) -> None:
         raise ConfigError("--write-concurrency: must be at least 1")
     if not cfg.store:
         raise ConfigError("--store: must not be empty")
+    if cfg.send_timeout < 0:
+        raise ConfigError("--send-timeout: must not be negative")
     if cfg.store_max_rps < 0:
         raise ConfigError("--store-max-rps: must not be negative")
     fault_kinds = {k.strip() for k in cfg.fault_kinds.split(",") if k.strip()} - {"all"}
