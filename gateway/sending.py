@@ -13,9 +13,10 @@ kept the socket open. Here a body goes out in slices of at most ``SLICE_BYTES``:
   chunk's loan is marked idle: the cache may take it back for readers that wait for room
   (``storage.cache``), and the response borrows it again when the client reads on;
 - a client that takes no byte for ``send_timeout`` seconds, or takes less than ``min_rate``
-  bytes/s averaged over the last ``send_timeout`` seconds, has its connection closed. Progress is
-  what left the process (handed to the transport minus what it still queues), so a slow but
-  steady reader is never mistaken for a stalled one between slices.
+  bytes/s averaged over the last ``send_timeout`` seconds, has its connection closed (a reset).
+  Progress is what the client's TCP has acknowledged (Linux ``tcp_info``; elsewhere what left the
+  transport), looked at while a slice waits, so a slow but steady reader is never mistaken for a
+  stalled one between slices, and kernel buffers draining in bursts do not look like a stall.
 
 Per connection at most one slice copy plus the transport's high-water mark is queued, so the
 memory of responses is the cache budget plus connections x (``SLICE_BYTES`` + 64 KiB).
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import ctypes.util
 import fcntl
@@ -45,7 +47,7 @@ log = logging.getLogger("chunkgate.sending")
 
 SLICE_BYTES = 256 * 1024  # the most of a body handed to the transport at once
 STALL_GRACE = 0.25  # a write not drained within this long switches to the slow path (polling)
-POLL_MIN, POLL_MAX = 0.02, 0.5  # seconds between looks at a stalled transport (doubling)
+POLL_MIN, POLL_MAX = 0.01, 0.1  # seconds between looks at a stalled transport (doubling)
 
 
 class SendAborted(ConnectionResetError):
@@ -75,8 +77,9 @@ class BodySender:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.request, self.response, self.policy, self.clock = request, response, policy, clock
         self.handed = 0  # body bytes given to the transport
-        self.progress = 0  # of those, bytes that left the process
-        self.started = self.progress_at = clock()
+        self.progress = 0  # bytes the client's side has taken (acknowledged, where the kernel says)
+        self.started = self.progress_at = self._sampled = clock()
+        self._acked0 = _acked(request.transport)
         self._marks: collections.deque[tuple[float, int]] = collections.deque([(self.started, 0)])
         self.behind = False  # the client is not keeping up: copy slices, mark loans idle
         self.went_slow = False  # ever behind (memory may be worth returning when it ends)
@@ -121,7 +124,8 @@ class BodySender:
             pass
         else:
             self.behind = False
-            self._note_progress(self.handed - transport.get_write_buffer_size())
+            if self.clock() - self._sampled >= 0.1:  # a syscall per slice would cost a fast GET
+                self._note_progress(transport)
             return
         self.behind = self.went_slow = True
         del out
@@ -136,7 +140,7 @@ class BodySender:
             if transport.is_closing():
                 raise ConnectionResetError("the client closed the connection")
             queued = transport.get_write_buffer_size()  # type: ignore[attr-defined]
-            self._note_progress(self.handed - queued)
+            self._note_progress(transport)
             if queued == 0:
                 return
             if on_idle is not None:
@@ -147,8 +151,13 @@ class BodySender:
             poll = min(poll * 2, POLL_MAX)
 
     # ------------------------------------------------------------------ progress and limits
-    def _note_progress(self, progress: int) -> None:
-        now = self.clock()
+    def _note_progress(self, transport: asyncio.BaseTransport) -> None:
+        now = self._sampled = self.clock()
+        acked = _acked(transport)
+        if acked is not None and self._acked0 is not None:
+            progress = acked - self._acked0
+        else:
+            progress = self.handed - transport.get_write_buffer_size()  # type: ignore[attr-defined]
         if progress > self.progress:
             self.progress, self.progress_at = progress, now
         if now - self._marks[-1][0] >= self.policy.window / 8:
@@ -172,6 +181,12 @@ class BodySender:
     def _close(self, transport: asyncio.BaseTransport, why: str) -> None:
         log.info("closing a response after %d bytes: %s", self.progress, why)
         self.request["chunkgate.send_closed"] = why
+        # A reset, not a FIN: a FIN would wait behind the unsent bytes in the kernel (for a
+        # client that reads nothing, until the kernel gives up on it), and the client would
+        # never learn. Linger 0 drops those bytes and tells it at once.
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(AttributeError, OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         transport.abort()  # type: ignore[attr-defined]
         raise SendAborted(why)
 
@@ -182,6 +197,25 @@ class BodySender:
         if transport is None or transport.get_write_buffer_size():  # type: ignore[attr-defined]
             return False
         return _kernel_room(transport) >= n
+
+
+def _acked(transport: asyncio.BaseTransport | None) -> int | None:
+    """Bytes of this connection the peer's TCP has acknowledged (Linux tcp_info.tcpi_bytes_acked):
+    what the client's side has really taken, unlike what merely left the process into the
+    kernel's send buffer (which can hold megabytes, then drains in bursts). None if unknown."""
+    if transport is None:
+        return None
+    sock = transport.get_extra_info("socket")
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+        if len(info) < _TCP_INFO_LEN:
+            return None
+        return int(struct.unpack_from("Q", info, _BYTES_ACKED_AT)[0])
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+_BYTES_ACKED_AT, _TCP_INFO_LEN = 120, 128  # offset of tcpi_bytes_acked (u64) in struct tcp_info
 
 
 def _kernel_room(transport: asyncio.BaseTransport) -> int:

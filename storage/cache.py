@@ -160,6 +160,28 @@ class ChunkCache(Generic[T]):
         (once it fits in the budget). ``size``: the expected size, reserved while the fetch runs.
         ``owner``: the reader taking its own read-ahead (its claim ends here)."""
         while True:
+            entry = await self._find_or_start(key, fetch, size, owner)
+            if not isinstance(entry, _Fetch):
+                return entry
+            if owner is not None:
+                entry.owners.discard(owner)
+            entry.waiters += 1
+            try:
+                # shield: a cancelled requester must not cancel a fetch other requesters await.
+                return await asyncio.shield(entry.task)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if entry.task.cancelled() and task is not None and not task.cancelling():
+                    continue  # the fetch was dropped, not us: look again
+                raise
+            finally:
+                entry.waiters -= 1
+                self._maybe_drop(key, entry)
+
+    async def _find_or_start(self, key: str, fetch: Callable[[], Awaitable[T]], size: int,
+                             owner: Hashable | None) -> "T | _Fetch[T]":
+        """The value if it is in memory, else the fetch to join (started here if need be)."""
+        while True:
             hit = self._lru.get(key)
             if hit is not None:
                 self._lru.move_to_end(key)
@@ -174,27 +196,16 @@ class ChunkCache(Generic[T]):
             entry = self._inflight.get(key)
             if entry is not None:
                 self.stats.coalesced += 1
-                break
+                return entry
             if not self._queue and self._admit(size):
                 self.stats.misses += 1
-                entry = self._start(key, fetch, size)
-                break
+                return self._start(key, fetch, size)
             if owner is not None:
                 self._drop_claims(owner)
             if await self._wait_for_room(key, size):
                 self.stats.misses += 1
-                entry = self._start(key, fetch, size)
-                break
+                return self._start(key, fetch, size)
             # the key arrived (or is coming) while we waited: look again
-        if owner is not None:
-            entry.owners.discard(owner)
-        entry.waiters += 1
-        try:
-            # shield: a cancelled requester must not cancel a fetch other requesters await.
-            return await asyncio.shield(entry.task)
-        finally:
-            entry.waiters -= 1
-            self._maybe_drop(key, entry)
 
     async def borrow(self, key: str, fetch: Callable[[], Awaitable[T]], *, size: int = 0,
                      owner: Hashable | None = None) -> Loan[T]:
@@ -383,6 +394,12 @@ class ChunkCache(Generic[T]):
         if entry.waiters == 0 and not entry.owners and not entry.task.done():
             entry.task.cancel()
             self.stats.dropped += 1
+            # Gone at once, not when the cancellation lands: nobody may join a dying fetch.
+            if self._inflight.get(key) is entry:
+                del self._inflight[key]
+                self._inflight_bytes -= entry.size
+                self._update()
+                self._wake()
 
     def _make_room(self, size: int) -> None:
         """Evict least recently used entries until ``size`` more bytes fit in the budget."""
