@@ -283,6 +283,8 @@ class ChunkCache(Generic[T]):
         self._queue.append(waiter)
         try:
             while True:
+                if self._queue[0] is waiter and self._admit(size):
+                    return True
                 await waiter
                 if key in self:
                     return False
