@@ -25,7 +25,7 @@ from storage.leases import StoreLockManager
 from storage.objects import ObjectStore, StoreOptions
 from storage.outbox import Outbox, OutboxOptions
 from storage.probe import StoreCapabilities, apply, probe
-from storage.stack import StackOptions, build_store, innermost
+from storage.stack import StackOptions, build_store, direct
 from storage.tolerance import SizeTolerance
 
 access_log = logging.getLogger("chunkgate.access")
@@ -84,6 +84,8 @@ def stack_options(cfg: ServeConfig) -> StackOptions:
         locks=cfg.locks,
         store_max_concurrency=cfg.store_max_concurrency,
         store_max_rps=cfg.store_max_rps,
+        store_connect_timeout=cfg.store_connect_timeout, store_read_timeout=cfg.store_read_timeout,
+        store_timeout=cfg.store_timeout,
     )
 
 
@@ -196,7 +198,7 @@ async def probe_store(app: web.Application) -> StoreCapabilities:
     it found); at most every minute again for /readyz. Several gateways over a store that ignores
     them would silently lose writes, so ``--locks store`` is refused on it with one line."""
     store: ObjectStore = app["store"]
-    caps = await probe(innermost(store.backend))
+    caps = await probe(direct(store.backend))
     apply(store.backend, caps)
     store.manifests.conditional_deletes = caps.conditional_delete
     app["store_caps"] = (time.monotonic(), caps)

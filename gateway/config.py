@@ -109,6 +109,9 @@ class ServeConfig:
     locks: str = "auto"
     store_max_concurrency: int = 64
     store_max_rps: float = 0.0
+    store_connect_timeout: float = 3.0  # per store request: TCP/TLS connect
+    store_read_timeout: float = 10.0  # per store request: no byte from the store for this long
+    store_timeout: float = 30.0  # per store operation, retries and queueing included (0 = none)
     max_concurrent_uploads: int = 64
     min_upload_rate: int = 1024  # bytes/s a request body must average after --body-timeout seconds
     send_timeout: float = 60.0  # a response the client takes no byte of for this long is closed (gateway.sending)
@@ -161,6 +164,12 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--min-download-rate", "min_download_rate", parse_size,
      "bytes/s a client must take a response body at, averaged over --send-timeout; slower is closed (0 = off)"),
     ("--store-max-rps", "store_max_rps", float, "store requests per second at most (0 = unlimited)"),
+    ("--store-connect-timeout", "store_connect_timeout", parse_duration,
+     "a store request whose connection is not up within this long fails (and is retried)"),
+    ("--store-read-timeout", "store_read_timeout", parse_duration,
+     "a store request that receives no byte for this long fails (and is retried)"),
+    ("--store-timeout", "store_timeout", parse_duration,
+     "a store operation (retries included) not done within this long fails: 504 store_timeout (0 = no deadline)"),
     ("--active-content", "active_content", str,
      "how uploads that are not media are served: sandbox (default), attachment, or inline (only on a host of its own)"),
     ("--hook-url", "hook_url", str, "POST pre-create, post-finish and post-delete events (JSON) to this http(s) URL"),
@@ -244,6 +253,12 @@ def validate(cfg: ServeConfig) -> None:
         raise ConfigError("--store: must not be empty")
     if cfg.send_timeout < 0:
         raise ConfigError("--send-timeout: must not be negative")
+    if cfg.store_connect_timeout <= 0:
+        raise ConfigError("--store-connect-timeout: must be positive")
+    if cfg.store_read_timeout <= 0:
+        raise ConfigError("--store-read-timeout: must be positive")
+    if cfg.store_timeout < 0:
+        raise ConfigError("--store-timeout: must not be negative")
     if cfg.store_max_rps < 0:
         raise ConfigError("--store-max-rps: must not be negative")
     fault_kinds = {k.strip() for k in cfg.fault_kinds.split(",") if k.strip()} - {"all"}

@@ -44,6 +44,12 @@ def to_response(exc: BaseException) -> web.Response | None:
         return json_error(503, "lock_timeout", "another request holds this key's lock; try again later", {"Retry-After": "1"})
     if isinstance(exc, LeaseLost):
         return json_error(409, "conflict", "this request's lock was cleared as stale before it could commit; nothing was committed")
+    if isinstance(exc, se.StoreTimedOut):
+        # 504, not 503: the store (our upstream) did not answer in time -- what Gateway Timeout
+        # means, and what an operator's dashboard should tell apart from a store that refused.
+        # Retry-After too: retrying is right, and clients that honour it space their retries.
+        retry = str(max(1, math.ceil(exc.retry_after or 1)))
+        return json_error(504, exc.code, exc.message, {"Retry-After": retry})
     if isinstance(exc, se.StoreUnavailable):
         retry = str(max(1, math.ceil(exc.retry_after or 1)))
         return json_error(503, exc.code, exc.message, {"Retry-After": retry})

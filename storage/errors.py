@@ -63,6 +63,13 @@ class StoreUnavailable(ObjectError):
         self.outcome_unknown = outcome_unknown
 
 
+class StoreTimedOut(StoreUnavailable):
+    """The store did not answer within ``--store-timeout`` (HTTP 504, Retry-After). A write's
+    outcome is unknown: it may still land, so nothing it may have made reachable is deleted."""
+
+    code = "store_timeout"
+
+
 class StoreFailed(ObjectError):
     """The store failed permanently or returned something we cannot use (HTTP 502)."""
 
@@ -100,10 +107,13 @@ def from_backend(exc: BaseException, what: str) -> Exception:
     backend errors are translated; ``what`` completes "the store failed ..."). ``NotFound`` and
     ``PreconditionFailed`` are answers, not failures: callers handle them before calling this."""
     from storage.backends.base import InvalidKey, PermanentError, TransientError
+    from storage.backends.deadline import StoreTimeout
     from storage.keys import BadKey
 
     if isinstance(exc, ObjectError):
         return exc  # type: ignore[return-value]
+    if isinstance(exc, StoreTimeout):
+        return StoreTimedOut(f"the store did not answer in time {what}: {exc}", retry_after=1.0)
     if isinstance(exc, TransientError):
         return StoreUnavailable(f"the store failed {what}: {exc}", retry_after=exc.retry_after)
     if isinstance(exc, (InvalidKey, BadKey)):

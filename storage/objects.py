@@ -27,6 +27,7 @@ from cachetools import TTLCache
 from storage import hashing, intents, keys, readplan
 from storage.backends.base import Backend, Blob, NotFound, PermanentError, PreconditionFailed, TransientError
 from storage.buffers import ChunkBuffers
+from storage.chunker import Chunk, Chunker
 from storage.cache import ChunkCache, Loan
 from storage.listing import UNKNOWN, ListingCache, Listed
 from storage.errors import (
@@ -814,20 +815,11 @@ class ChunkWriter:
 
 
 async def _rechunk(body: AsyncIterable[bytes], chunk_size: int, limit: int | None,
-                   buffers: ChunkBuffers | None = None) -> AsyncIterator[bytes]:
-    """Re-cut an arbitrary stream of pieces into ``chunk_size`` pieces (the last may be short).
-
-    With ``buffers``: each chunk is copied into a buffer lent by the pool and yielded as a
-    read-only view of it; the buffer is never refilled before the writer gives it back, so no
-    later read can change a chunk while an asynchronous write still holds it (the replaced
-    system's bug). Without: each chunk is a fresh ``bytes`` joined from the pieces."""
-    if buffers is None or buffers.size != chunk_size:
-        async for joined in _rechunk_joined(body, chunk_size, limit):
-            yield joined
-        return
-    buf: bytearray | None = None
-    view = memoryview(b"")
-    filled = 0
+                   buffers: ChunkBuffers | None = None) -> AsyncIterator[Chunk]:
+    """Re-cut an arbitrary stream of pieces into ``chunk_size`` chunks (the last may be short),
+    refusing a body past ``limit`` bytes. With ``buffers`` the chunks are read-only views of lent
+    buffers that the writer gives back (storage.chunker says why that is safe)."""
+    chunker = Chunker(chunk_size, buffers)
     total = 0
     try:
         async for piece in body:
@@ -836,48 +828,13 @@ async def _rechunk(body: AsyncIterable[bytes], chunk_size: int, limit: int | Non
             total += len(piece)
             if limit is not None and total > limit:
                 raise BodyTooLarge(f"the body passed the limit of {limit} bytes")
-            src = memoryview(piece)
-            while src:
-                if buf is None:
-                    buf = buffers.take()
-                    view = memoryview(buf)
-                take = min(len(src), chunk_size - filled)
-                view[filled:filled + take] = src[:take]
-                filled += take
-                src = src[take:]
-                if filled == chunk_size:
-                    out, buf, filled = view.toreadonly(), None, 0
-                    yield out  # the writer now holds the buffer and gives it back
-        if filled and buf is not None:
-            out, buf = view[:filled].toreadonly(), None
-            yield out
+            for chunk in chunker.feed(piece):
+                yield chunk  # the writer now holds the buffer and gives it back
+        last = chunker.flush()
+        if last is not None:
+            yield last
     finally:
-        if buf is not None:  # a partly filled buffer nobody was handed
-            buffers.give_back(buf)
-
-
-async def _rechunk_joined(body: AsyncIterable[bytes], chunk_size: int, limit: int | None) -> AsyncIterator[bytes]:
-    pieces: list[bytes] = []
-    filled = 0
-    total = 0
-    async for piece in body:
-        if not piece:
-            continue
-        total += len(piece)
-        if limit is not None and total > limit:
-            raise BodyTooLarge(f"the body passed the limit of {limit} bytes")
-        view = memoryview(piece)
-        while view:
-            take = min(len(view), chunk_size - filled)
-            # A whole incoming piece is already a fresh immutable bytes; slices are copied.
-            pieces.append(piece if take == len(piece) else bytes(view[:take]))
-            filled += take
-            view = view[take:]
-            if filled == chunk_size:
-                yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                pieces, filled = [], 0
-    if filled:
-        yield b"".join(pieces)
+        chunker.close()
 
 
 def _whole_chunk_digest(data: Any, manifest: Manifest, ref: ChunkRef, strict: bool = False) -> str:

@@ -2,11 +2,16 @@
 
 Wrapper order, innermost first — each is one concern:
   raw backend -> fault injection (tests/debug) -> observation (metrics) -> limiter -> retries
+  -> deadline
 Observation sits inside the limiter so store latency excludes queueing, and outside fault
 injection so injected faults count as the store's failures, as a real outage would. Retries are
 outermost so every attempt passes the limiter (the store's budget counts retries too) and is
 observed, while the backoff sleep holds no limiter slot. No retry wrapper over S3: botocore
 retries there itself (standard mode), and two retry layers would multiply the attempts.
+The deadline (``--store-timeout``) is outermost because it is what a client waits at most for one
+store operation: its queueing for a limiter slot, every retry and backoff included. The lease
+manager works under the limiter, so its stack gets a deadline of its own (``build_locks``), and the
+probe, which talks to the raw client, gets one too (``direct``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from storage.backends.base import Backend
+from storage.backends.deadline import DeadlineBackend
 from storage.backends.faults import FaultyBackend
 from storage.backends.limited import LimitedBackend
 from storage.backends.observed import BackendObserver, ObservedBackend
@@ -33,6 +39,9 @@ class StackOptions:
     locks: str = "auto"
     store_max_concurrency: int = 0
     store_max_rps: float = 0.0
+    store_connect_timeout: float = 3.0  # per store request: TCP/TLS connect (S3)
+    store_read_timeout: float = 10.0  # per store request: no byte for this long (S3)
+    store_timeout: float = 30.0  # per store operation, retries included (every backend); 0 = none
     faults: Any = None  # storage.backends.faults.FaultPlan, tests and --fault-* only
 
 
@@ -41,7 +50,9 @@ def build_backend(opts: StackOptions, observer: BackendObserver | None = None,
     if raw is None:
         from storage.backends.open import open_backend
 
-        raw = open_backend(opts.store, s3_endpoint_url=opts.s3_endpoint_url, s3_region=opts.s3_region)
+        raw = open_backend(opts.store, s3_endpoint_url=opts.s3_endpoint_url, s3_region=opts.s3_region,
+                           connect_timeout=opts.store_connect_timeout, read_timeout=opts.store_read_timeout,
+                           total_timeout=opts.store_timeout)
     backend: Backend = raw
     if opts.faults is not None:
         backend = FaultyBackend(backend, opts.faults)
@@ -51,7 +62,23 @@ def build_backend(opts: StackOptions, observer: BackendObserver | None = None,
         backend = LimitedBackend(backend, max_concurrency=opts.store_max_concurrency, max_rps=opts.store_max_rps)
     if not _retries_itself(backend):
         backend = RetryingBackend(backend)
-    return backend
+    return _with_deadline(backend, opts.store_timeout)
+
+
+def _with_deadline(backend: Backend, seconds: float) -> Backend:
+    return DeadlineBackend(backend, seconds) if seconds > 0 else backend
+
+
+def direct(backend: Backend) -> Backend:
+    """The raw store client under every wrapper, still bounded by the stack's deadline: for the
+    probe, which must see the store's own answers (no retries, no limiter) but must not hang."""
+    raw = innermost(backend)
+    node = backend
+    while hasattr(node, "inner"):
+        if isinstance(node, DeadlineBackend):
+            return DeadlineBackend(raw, node.timeout)
+        node = node.inner  # type: ignore[attr-defined]
+    return raw
 
 
 def innermost(backend: Backend) -> Backend:
@@ -76,7 +103,10 @@ def build_locks(opts: StackOptions, backend: Backend, on_wait: Callable[[float],
     if kind == "store":
         from storage.leases import StoreLockManager
 
-        return StoreLockManager(_below_limiter(backend), stale_after=opts.lock_stale_after,
+        below = _below_limiter(backend)
+        if not isinstance(below, DeadlineBackend):
+            below = _with_deadline(below, opts.store_timeout)
+        return StoreLockManager(below, stale_after=opts.lock_stale_after,
                                 timeout=opts.lock_timeout, on_wait=on_wait)
     return LockManager(stale_after=opts.lock_stale_after, timeout=opts.lock_timeout, on_wait=on_wait)
 

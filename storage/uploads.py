@@ -43,6 +43,7 @@ from typing import Any, AsyncIterable, Awaitable, Callable, TypeVar
 
 from storage import keys
 from storage.backends.base import NotFound, ObjectInfo, PermanentError, PreconditionFailed, TransientError
+from storage.chunker import Chunker
 from storage.errors import (
     BadRequest,
     BodyTooLarge,
@@ -886,8 +887,10 @@ class _Append:
         self.first_index = len(durable.chunks)
         self.writer = ChunkWriter(sessions.store, record.key, record.version, first_index=self.first_index,
                                   first_offset=self.first_index * self.cs, fence=lease.check)
-        self.pieces: list[bytes] = [tail] if tail else []
-        self.filled = len(tail)
+        # Reused buffers where the upload's chunk size is the store's (storage.chunker).
+        self.chunker = Chunker(self.cs, sessions.store.buffers)
+        for _ in self.chunker.feed(tail):  # shorter than a chunk: it only refills the rest
+            pass
         self.saved_tail = len(tail)  # bytes of the current partial chunk already durable as a tail
         self.received = 0
         self.handed = 0  # full chunks handed to the writer
@@ -901,6 +904,11 @@ class _Append:
 
     def discard(self) -> None:
         self.held = []
+        self.chunker.close()
+
+    @property
+    def filled(self) -> int:
+        return self.chunker.filled
 
     async def release_held(self) -> None:
         held, self.held = self.held, []
@@ -910,18 +918,10 @@ class _Append:
 
     async def feed(self, piece: bytes) -> None:
         self.received += len(piece)
-        view = memoryview(piece)
-        while view:
-            take = min(len(view), self.cs - self.filled)
-            # Copies into fresh immutable bytes: nothing handed to an asynchronous write can change.
-            self.pieces.append(piece if take == len(piece) else bytes(view[:take]))
-            self.filled += take
-            view = view[take:]
-            if self.filled == self.cs:
-                chunk = self.pieces[0] if len(self.pieces) == 1 else b"".join(self.pieces)
-                self.pieces, self.filled, self.saved_tail = [], 0, 0
-                await self.writer.add(chunk)
-                self.handed += 1
+        for chunk in self.chunker.feed(piece):
+            self.saved_tail = 0
+            await self.writer.add(chunk)
+            self.handed += 1
 
     async def maybe_checkpoint(self) -> None:
         """On a slow stream, make the partly filled chunk durable now and then."""
@@ -962,8 +962,7 @@ class _Append:
     async def _save_tail(self) -> None:
         durable, lease = self.durable, self.lease
         index = len(durable.chunks)
-        data = b"".join(self.pieces)
-        self.pieces = [data] if data else []
+        data = self.chunker.partial()
         old = durable.tail
         if not data or (old is not None and _index_of(old.key) == index and old.size == len(data)):
             return
@@ -984,6 +983,12 @@ class _Append:
     async def save(self, *, lost: bool) -> None:
         """Make everything received durable: the final short chunk as a chunk when the upload
         is now complete, else the partly filled chunk as the tail; then the record."""
+        try:
+            await self._save(lost=lost)
+        finally:
+            self.chunker.close()  # a partly filled reused buffer goes back (its bytes are the tail)
+
+    async def _save(self, *, lost: bool) -> None:
         durable = self.durable
         record = durable.record
         if lost:
@@ -992,10 +997,10 @@ class _Append:
             return
         total = self.first_index * self.cs + self.handed * self.cs + self.filled
         if record.length is not None and total == record.length and self.filled:
-            data = b"".join(self.pieces)
-            self.pieces, self.filled = [], 0
-            await self.writer.add(data)
-            self.handed += 1
+            last = self.chunker.flush()
+            if last is not None:
+                await self.writer.add(last)
+                self.handed += 1
         all_ok = await self._settle_chunks()
         if all_ok:
             if durable.tail is not None and _index_of(durable.tail.key) < len(durable.chunks):

@@ -345,4 +345,4 @@ def test_store_locks_bypass_the_limiter() -> None:
     raw = MemoryBackend()
     limited = LimitedBackend(raw, max_concurrency=1)
     chosen = build_locks(StackOptions(store="s3://b", locks="auto"), limited)
-    assert chosen.backend is raw
+    assert chosen.backend.inner is raw  # under the limiter, only the store deadline over it

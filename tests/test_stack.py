@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from storage.backends.deadline import DeadlineBackend
 from storage.backends.faults import FaultPlan, FaultyBackend
 from storage.backends.fs import FsBackend
 from storage.backends.limited import LimitedBackend
@@ -34,12 +35,13 @@ def layers(backend: object) -> list[type]:
 
 CASES = [
     # (name, options, with observer, outermost -> innermost)
-    ("a bare store: retries only", dict(), False, [RetryingBackend, MemoryBackend]),
-    ("observed", dict(), True, [RetryingBackend, ObservedBackend, MemoryBackend]),
-    ("limited: retries outside the limiter, observation inside", dict(store_max_rps=5.0), True,
-     [RetryingBackend, LimitedBackend, ObservedBackend, MemoryBackend]),
+    ("a bare store: retries under the deadline", dict(), False, [DeadlineBackend, RetryingBackend, MemoryBackend]),
+    ("no deadline when --store-timeout is 0", dict(store_timeout=0.0), False, [RetryingBackend, MemoryBackend]),
+    ("observed", dict(), True, [DeadlineBackend, RetryingBackend, ObservedBackend, MemoryBackend]),
+    ("limited: retries outside the limiter, observation inside, the deadline over both", dict(store_max_rps=5.0), True,
+     [DeadlineBackend, RetryingBackend, LimitedBackend, ObservedBackend, MemoryBackend]),
     ("faults under observation (they count as the store's failures)", dict(faults=FaultPlan(rate=0.1)), True,
-     [RetryingBackend, ObservedBackend, FaultyBackend, MemoryBackend]),
+     [DeadlineBackend, RetryingBackend, ObservedBackend, FaultyBackend, MemoryBackend]),
 ]
 
 
@@ -62,3 +64,5 @@ def test_which_locks(tmp_path: Path, store: str, locks: str, expected: type) -> 
     if isinstance(manager, StoreLockManager):
         # Lease traffic never queues behind data requests: it sits below the limiter.
         assert not any(t is LimitedBackend for t in layers(manager.backend))
+        # ...and still ends within the store deadline.
+        assert layers(manager.backend)[0] is DeadlineBackend

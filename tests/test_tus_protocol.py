@@ -475,3 +475,41 @@ async def test_gc_hook_protects_live_uploads_and_expires_stale_ones() -> None:
     chunk_keys = [i.key async for i in backend.list("c/")]
     assert len(chunk_keys) == 1 and all(keys_mod.key_id("gc/live.bin") in k for k in chunk_keys)
     await store.close()
+
+
+async def test_patches_cut_through_reused_buffers_keep_the_upload_intact_and_give_them_back() -> None:
+    """tus PATCH bodies go through the same chunker as PUT, into the store's reused chunk
+    buffers: odd-sized PATCHes (tails saved and refilled), a checksum that fails and a PATCH that
+    fails mid-body leave the object byte-exact and no buffer lent out."""
+    backend = MemoryBackend()
+    store = ObjectStore(backend, LockManager(), StoreOptions(chunk_size=CHUNK))
+    sessions = UploadSessions(store, UploadOptions(chunk_size=CHUNK))
+    data = payload(7 * CHUNK + 333)
+    status = await sessions.create("reused.bin", length=len(data), metadata="", content_type="application/octet-stream")
+
+    async def pieces(part: bytes, size: int, fail_after: int | None = None) -> AsyncIterator[bytes]:
+        for n, at in enumerate(range(0, len(part), size)):
+            if fail_after is not None and n == fail_after:
+                raise ConnectionResetError("client went away")
+            yield part[at:at + size]
+
+    offset = 0
+    for n, end in enumerate((CHUNK // 3, 2 * CHUNK + 17, 2 * CHUNK + 18, 5 * CHUNK - 1, len(data))):
+        async with sessions.lock(status.id, owner="w") as lease:
+            if n == 1:  # a checksummed PATCH whose checksum is wrong keeps nothing
+                with pytest.raises(Exception):
+                    await sessions.append(status.id, lease, offset=offset, body=pieces(data[offset:end], 100),
+                                          checksum=("sha1", b"\0" * 20))
+                assert store.buffers.lent == 0
+            if n == 3:  # a body cut off mid-way keeps what arrived
+                with pytest.raises(ConnectionResetError):
+                    await sessions.append(status.id, lease, offset=offset, body=pieces(data[offset:end], 500, fail_after=3))
+                assert store.buffers.lent == 0
+                offset = (await sessions.status(status.id, lease)).offset
+            result = await sessions.append(status.id, lease, offset=offset, body=pieces(data[offset:end], 257))
+            offset = result.offset
+            assert store.buffers.lent == 0
+    assert offset == len(data)
+    m = await store.head("reused.bin")
+    assert b"".join([bytes(p) async for p in store.read(m, 0, m.size)]) == data
+    await store.close()

@@ -11,10 +11,12 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import Any, Sequence
 
 from gateway.cli import fail
 from gateway.config import ConfigError, ServeConfig, add_serve_arguments, resolve
+from storage.backends.deadline import StoreTimeout
 
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is data.
@@ -68,13 +70,30 @@ async def serve(cfg: ServeConfig) -> int:
         return fail(f"--store: {exc}")
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.shutdown_timeout,
                            keepalive_timeout=75.0, handle_signals=False)
+    # The store's check and probe run in setup, each store call bounded by --store-timeout;
+    # this bounds the whole (a store that answers the check and then stalls in the probe).
+    # A store that does not answer is a startup failure (exit 2, one line naming the endpoint),
+    # not a gateway that starts not-ready: run by hand, the operator sees why at once; under a
+    # supervisor the restart (with its backoff) is the retry, and a gateway that says nothing
+    # while never becoming ready is what users could not diagnose.
+    bound = 3 * cfg.store_timeout if cfg.store_timeout > 0 else None
+    where = _store_location(cfg)
     try:
-        await runner.setup()
+        async with asyncio.timeout(bound):
+            await runner.setup()
     except ConfigError as exc:  # the store's probe: --locks store on a store that ignores conditions
         await runner.cleanup()
         return fail(str(exc))
+    except TimeoutError:
+        return fail(f"--store: the store {where} did not finish the startup check within {bound:g}s "
+                    "(it answers too slowly or stalls); check it, or raise --store-timeout")
+    except StoreTimeout as exc:
+        within = f"within {exc.seconds:g}s" if exc.seconds else "in time"
+        return fail(f"--store: the store {where} did not answer {within} "
+                    "(nothing listens, or it accepts connections and never answers); "
+                    "check that it is reachable, or raise --store-timeout")
     except Exception as exc:  # the store's startup check: missing bucket, bad credentials
-        return fail(f"--store: the store {cfg.store} is not usable: {exc}")
+        return fail(f"--store: the store {where} is not usable: {_one_line(exc)}")
     site = web.TCPSite(runner, cfg.host, cfg.port, backlog=512)
     try:
         await site.start()
@@ -105,6 +124,37 @@ async def serve(cfg: ServeConfig) -> int:
     return 0
 
 
+def _store_location(cfg: ServeConfig) -> str:
+    """The store as the operator knows it: for S3 its endpoint too (the part that stalls)."""
+    if not cfg.store.lower().startswith("s3://"):
+        return cfg.store
+    endpoint = (cfg.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                or "AWS's default endpoint")
+    return f"{cfg.store} at {endpoint}"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _exit_now_if_store_threads_hang(code: int) -> None:
+    """A store client's worker thread still blocked on a store that does not answer (botocore:
+    up to its attempts x --store-read-timeout) would hold the interpreter's exit, which joins
+    every worker thread: the gateway has already stopped (or never started) and nothing is
+    half-done, so exit at once instead of hanging on in silence."""
+    stuck = [t for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not stuck:
+        return
+    for t in stuck:
+        t.join(timeout=0.2)
+    if any(t.is_alive() for t in stuck):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def cmd_serve(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="chunkgate serve", description="Run the gateway.")
     add_serve_arguments(parser)
@@ -114,9 +164,11 @@ def cmd_serve(argv: Sequence[str]) -> int:
         return fail(str(exc))
     setup_logging(cfg)
     try:
-        return run_loop(serve(cfg))
+        code = run_loop(serve(cfg))
     except KeyboardInterrupt:
-        return 0
+        code = 0
+    _exit_now_if_store_threads_hang(code)
+    return code
 
 
 def _keep_freed_memory() -> None:

@@ -35,9 +35,13 @@ def _fs(path: str, store: str) -> FsBackend:
 
 
 def open_backend(
-    store: str, *, s3_endpoint_url: str | None = None, s3_region: str | None = None
+    store: str, *, s3_endpoint_url: str | None = None, s3_region: str | None = None,
+    connect_timeout: float = 3.0, read_timeout: float = 10.0, total_timeout: float = 30.0,
 ) -> Backend:
-    """The backend ``store`` names (not yet checked: call ``await backend.check()``)."""
+    """The backend ``store`` names (not yet checked: call ``await backend.check()``).
+
+    The timeouts are per request of a network store's client (S3: connect, idle read, and the
+    whole request); the deadline per operation is the stack's (``storage.backends.deadline``)."""
     if not store.strip():
         raise ValueError(f"store is empty; {_FORMS}")
     if "\n" in store or "\0" in store:
@@ -72,5 +76,6 @@ def open_backend(
         prefix = urllib.parse.unquote(parsed.path).strip("/")
         if any(segment in ("", ".", "..") for segment in prefix.split("/")) and prefix:
             raise ValueError(f"store {store!r}: the prefix has an empty, '.' or '..' segment")
-        return S3Backend(bucket, prefix, endpoint_url=s3_endpoint_url, region=s3_region)
+        return S3Backend(bucket, prefix, endpoint_url=s3_endpoint_url, region=s3_region,
+                         connect_timeout=connect_timeout, read_timeout=read_timeout, total_timeout=total_timeout)
     raise ValueError(f"store {store!r}: unsupported scheme '{name}://'; {_FORMS}")

@@ -47,6 +47,7 @@ from storage.backends.base import (
     PreconditionFailed,
     TransientError,
 )
+from storage.backends.deadline import StoreTimeout
 from storage.keys import BadKey, MAX_KEY_BYTES, validate_key
 
 T = TypeVar("T")
@@ -116,6 +117,8 @@ def map_obstore_error(exc: Exception, what: str) -> BackendError:
         return InvalidKey(message)
     status_match = _STATUS.search(text)
     status = int(status_match.group(1)) if status_match else 0
+    if not status and "kind: Timeout" in text:  # reqwest's connect/read/request timeout, after retries
+        return StoreTimeout(f"{what}: the store did not answer in time: {first_line}")
     if status in (429, 503):
         raise _Throttled(message) from exc
     if code in _TRANSIENT_CODES or status in (408, 429) or status >= 500 or status == 0:
@@ -152,6 +155,8 @@ def map_error(exc: Exception, what: str) -> BackendError:
         if code in _TRANSIENT_CODES or status in (429, 500, 502, 503, 504):
             return TransientError(message, retry_after=_retry_after(meta.get("HTTPHeaders", {})))
         return PermanentError(message)
+    if isinstance(exc, (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError)):
+        return StoreTimeout(f"{what}: the store did not answer in time: {exc}")
     if isinstance(exc, _TRANSIENT_BOTOCORE):
         return TransientError(f"{what}: {exc}")
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
@@ -174,6 +179,9 @@ class S3Backend:
         max_workers: int = 16,
         max_attempts: int = 5,
         list_page_size: int = 1000,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 10.0,
+        total_timeout: float = 30.0,
     ) -> None:
         self.bucket = bucket
         # "p" and "p/" name the same prefix; without the '/' a prefix "p" would also see "pq/...".
@@ -185,8 +193,21 @@ class S3Backend:
             or os.environ.get("AWS_ENDPOINT_URL")
             or None
         )
+        self.endpoint_url = endpoint_url
+        # Timeouts per request, so a store that accepts connections and never answers fails in
+        # seconds, not botocore's 60 s x 5 attempts (storage.backends.deadline bounds the whole
+        # operation on top). The read timeout is between two received bytes, not for a whole
+        # body: a slow but moving 8 MiB chunk is not a stalled store.
+        # botocore has no deadline of its own: attempts that cannot fit in --store-timeout would
+        # keep a worker thread waiting for an answer nobody awaits any more (a stalled store
+        # held each for 5 x the read timeout plus backoff, and the pool has max_workers).
+        boto_attempts = max_attempts
+        if total_timeout > 0:
+            boto_attempts = max(2, min(max_attempts, int(total_timeout // (connect_timeout + read_timeout)) + 1))
         config = Config(
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"mode": "standard", "max_attempts": boto_attempts},
             max_pool_connections=max_workers + 4,
             # Third-party servers (SeaweedFS) reject the default CRC trailers on uploads.
             request_checksum_calculation="when_required",
@@ -199,21 +220,39 @@ class S3Backend:
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="s3-store")
         self._credentials = session.get_credentials()  # botocore's chain: env, profile, IMDS...
         self._fast: S3Store | None = None
+        self._fast_reads: S3Store | None = None
         if self._credentials is not None:
             options: dict[str, Any] = {}
             if endpoint_url:
                 options["endpoint"] = endpoint_url
                 options["virtual_hosted_style_request"] = False
-            self._fast = S3Store(
-                bucket,
-                region=self._client.meta.region_name or "us-east-1",
-                client_options={"allow_http": True, "pool_max_idle_per_host": str(max_workers + 4)},
-                conditional_put="etag",
-                unsigned_payload=True,
-                credential_provider=self._credentials_now,  # type: ignore[arg-type]
-                retry_config={"max_retries": max_attempts - 1, "retry_timeout": timedelta(seconds=60)},
-                **options,
-            )
+            client_options: dict[str, Any] = {
+                "allow_http": True, "pool_max_idle_per_host": str(max_workers + 4),
+                "connect_timeout": timedelta(seconds=connect_timeout),
+            }
+            if total_timeout > 0:  # one request (its body included) never outlives the deadline
+                client_options["timeout"] = timedelta(seconds=total_timeout)
+
+            def fast_store(extra: dict[str, Any]) -> S3Store:
+                return S3Store(
+                    bucket,
+                    region=self._client.meta.region_name or "us-east-1",
+                    client_options={**client_options, **extra},
+                    conditional_put="etag",
+                    unsigned_payload=True,
+                    credential_provider=self._credentials_now,  # type: ignore[arg-type]
+                    # Retries stop starting once the deadline would be over (default: 3 minutes).
+                    retry_config={"max_retries": max_attempts - 1,
+                                  "retry_timeout": timedelta(seconds=total_timeout if total_timeout > 0 else 60)},
+                    **options,
+                )
+
+            self._fast = fast_store({})
+            # reqwest's read timeout also runs while a request body is being sent (no answer can
+            # come before it is all sent): on writes it would cut off an 8 MiB chunk that takes
+            # longer than --store-read-timeout to upload. So only reads (whose bodies come back)
+            # get it, from a client of their own; writes are bounded by the request timeout.
+            self._fast_reads = fast_store({"read_timeout": timedelta(seconds=read_timeout)})
         self._page_size = list_page_size
         self._closed = False
         # Set by storage.probe: SeaweedFS stores 'a\\b' as 'a/b', which would give two keys one value.
@@ -228,10 +267,11 @@ class S3Backend:
             creds["token"] = frozen.token
         return creds
 
-    def _fast_for(self, store_key: str) -> S3Store | None:
+    def _fast_for(self, store_key: str, *, reading: bool = False) -> S3Store | None:
         if self._closed:
             raise PermanentError(f"{self.name} is closed")
-        return self._fast if self._fast is not None and _PLAIN_KEY.fullmatch(store_key) else None
+        fast = self._fast_reads if reading else self._fast
+        return fast if fast is not None and _PLAIN_KEY.fullmatch(store_key) else None
 
     def _store_key(self, key: str) -> str:
         try:
@@ -364,7 +404,7 @@ class S3Backend:
             info = await self.head(key)
             return Blob(b"", info.size, info.etag)
         store_key = self._store_key(key)
-        fast = self._fast_for(store_key)
+        fast = self._fast_for(store_key, reading=True)
         if fast is not None:
             try:
                 return await self._get_fast(fast, key, store_key, start, end, view)
@@ -374,7 +414,7 @@ class S3Backend:
 
     async def head(self, key: str) -> ObjectInfo:
         store_key = self._store_key(key)
-        fast = self._fast_for(store_key)
+        fast = self._fast_for(store_key, reading=True)
         meta: Any = None
         if fast is not None:
             try:
