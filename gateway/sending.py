@@ -4,14 +4,16 @@ A client that sends a GET and then reads nothing must not pin memory or a connec
 aiohttp's ``StreamResponse.write`` hands the whole buffer to the transport and then awaits
 drain without any time limit, so writing a whole 8 MiB chunk left the transport holding it (a
 copy with asyncio's transport, a reference to the chunk with uvloop's) for as long as the client
-kept the socket open. Here a body goes out in slices of at most ``SLICE_BYTES``:
+kept the socket open. Here a body goes out piece by piece, and the transport never holds more than
+one small copy:
 
-- while the socket's send buffer has room for the whole slice, it is a view of the chunk: the
-  transport sends it at once and keeps nothing (no copy: warm GETs cost what they did);
-- otherwise (the client is behind), the slice is a copy, so what is queued for a stalled client
-  holds no reference to the chunk, and the
-  chunk's loan is marked idle: the cache may take it back for readers that wait for room
-  (``storage.cache``), and the response borrows it again when the client reads on;
+- while the socket's send buffer has room (at least ``MIN_VIEW_BYTES``), the next piece is a view
+  of the chunk of at most that room: the transport sends it at once and keeps nothing (no copy;
+  fast readers get few, large writes);
+- otherwise (the client is behind), the piece is a copy of at most ``SLICE_BYTES``, so what is
+  queued for a stalled client holds no reference to the chunk, and the chunk's loan is marked
+  idle: the cache may take it back for readers that wait for room (``storage.cache``), and the
+  response borrows it again when the client reads on;
 - a client that takes no byte for ``send_timeout`` seconds, or takes less than ``min_rate``
   bytes/s averaged over the last ``send_timeout`` seconds, has its connection closed (a reset).
   Progress is what the client's TCP has acknowledged (Linux ``tcp_info``; elsewhere what left the
@@ -45,7 +47,8 @@ from aiohttp import web
 
 log = logging.getLogger("chunkgate.sending")
 
-SLICE_BYTES = 256 * 1024  # the most of a body handed to the transport at once
+SLICE_BYTES = 256 * 1024  # the most of a body copied for a client that is behind
+MIN_VIEW_BYTES = 64 * 1024  # less room than this in the socket: the client is behind
 STALL_GRACE = 0.25  # a write not drained within this long switches to the slow path (polling)
 POLL_MIN, POLL_MAX = 0.01, 0.1  # seconds between looks at a stalled transport (doubling)
 
@@ -80,6 +83,7 @@ class BodySender:
         self.progress = 0  # bytes the client's side has taken (acknowledged, where the kernel says)
         self.started = self.progress_at = self._sampled = clock()
         self._acked0 = _acked(request.transport)
+        self._sock = request.transport.get_extra_info("socket") if request.transport is not None else None
         self._marks: collections.deque[tuple[float, int]] = collections.deque([(self.started, 0)])
         self.behind = False  # the client is not keeping up: copy slices, mark loans idle
         self.went_slow = False  # ever behind (memory may be worth returning when it ends)
@@ -97,8 +101,11 @@ class BodySender:
         pos = 0
         while pos < size:
             view = await piece.view()  # borrowed again here if the cache took it back while idle
-            n = min(step, size - pos)
-            behind = self.behind or not self._kernel_takes(n)
+            room = 0 if self.behind else self._kernel_room()
+            behind = room < min(MIN_VIEW_BYTES, size - pos)
+            # Keeping up: as much as the socket takes now, as a view (sent at once, nothing kept;
+            # fewer, larger writes for fast readers). Behind: one slice, copied.
+            n = min(size - pos, step if behind else room)
             # In a box, so that no frame here keeps the slice (and with it the chunk) while the
             # client stalls: ``_send`` lets go of it once the transport has it.
             box = [bytes(memoryview(view)[pos:pos + n]) if behind else memoryview(view)[pos:pos + n]]
@@ -190,13 +197,13 @@ class BodySender:
         transport.abort()  # type: ignore[attr-defined]
         raise SendAborted(why)
 
-    def _kernel_takes(self, n: int) -> bool:
-        """Whether the socket's send buffer has room for ``n`` more bytes now, so that the
-        transport sends a slice at once and keeps no reference to it. Unknown counts as no."""
+    def _kernel_room(self) -> int:
+        """Bytes the socket's send buffer takes now, so that the transport sends a view at once
+        and keeps no reference to it; 0 when the transport still queues bytes or it is unknown."""
         transport = self.request.transport
         if transport is None or transport.get_write_buffer_size():  # type: ignore[attr-defined]
-            return False
-        return _kernel_room(transport) >= n
+            return 0
+        return _kernel_room(self._sock)
 
 
 def _acked(transport: asyncio.BaseTransport | None) -> int | None:
@@ -218,10 +225,9 @@ def _acked(transport: asyncio.BaseTransport | None) -> int | None:
 _BYTES_ACKED_AT, _TCP_INFO_LEN = 120, 128  # offset of tcpi_bytes_acked (u64) in struct tcp_info
 
 
-def _kernel_room(transport: asyncio.BaseTransport) -> int:
+def _kernel_room(sock: Any) -> int:
     """Free bytes in the socket's send buffer (Linux: half of SO_SNDBUF is payload, minus
     what SIOCOUTQ says is queued); 0 when that cannot be asked."""
-    sock = transport.get_extra_info("socket")
     try:
         fd = sock.fileno()
         queued = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
