@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import AsyncIterator, Callable
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import ClientPayloadError, EofStream, web

@@ -197,7 +197,7 @@ def read_slowly(port: int, key: str, piece: int, pause: float, deadline: float) 
                 return bytes(got), True
             if not data:
                 head, _, body = bytes(got).partition(b"\r\n\r\n")
-                length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")][0].split(b":")[1])
+                length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")).split(b":")[1])
                 return bytes(got), len(body) < length
             got += data
             time.sleep(pause)
