@@ -117,6 +117,8 @@ class ServeConfig:
     max_open_uploads_per_token: int = 1000  # ... per bearer token; anonymous clients count as one
     max_upload_metadata: int = 4096  # bytes of a tus Upload-Metadata header (0 = only the 16 KiB header limit)
     min_upload_rate: int = 1024  # bytes/s a request body must average after --body-timeout seconds
+    send_timeout: float = 60.0  # a response the client takes no byte of for this long is closed (gateway.sending)
+    min_download_rate: int = 16 * 1024  # bytes/s a response must be taken at, over each --send-timeout window
     hook_url: str | None = None  # pre-create / post-finish / post-delete events go here (gateway.hooks)
     hook_timeout: float = 10.0
     hook_retry_max: float = 60.0  # post-* deliveries back off exponentially up to this (storage.outbox)
@@ -166,6 +168,10 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "largest tus Upload-Metadata header accepted; larger gets 431 (0 = only the 16KiB header limit)"),
     ("--min-upload-rate", "min_upload_rate", parse_size,
      "bytes/s a request body must average once --body-timeout has passed; slower gets 408 (0 = off)"),
+    ("--send-timeout", "send_timeout", parse_duration,
+     "a response body the client takes no byte of for this long is closed (0 = never)"),
+    ("--min-download-rate", "min_download_rate", parse_size,
+     "bytes/s a client must take a response body at, averaged over --send-timeout; slower is closed (0 = off)"),
     ("--store-max-rps", "store_max_rps", float, "store requests per second at most (0 = unlimited)"),
     ("--store-connect-timeout", "store_connect_timeout", parse_duration,
      "a store request whose connection is not up within this long fails (and is retried)"),
@@ -254,6 +260,8 @@ def validate(cfg: ServeConfig) -> None:
         raise ConfigError("--write-concurrency: must be at least 1")
     if not cfg.store:
         raise ConfigError("--store: must not be empty")
+    if cfg.send_timeout < 0:
+        raise ConfigError("--send-timeout: must not be negative")
     if cfg.store_connect_timeout <= 0:
         raise ConfigError("--store-connect-timeout: must be positive")
     if cfg.store_read_timeout <= 0:

@@ -12,20 +12,20 @@ import contextlib
 import logging
 import re
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import AsyncIterator, Callable
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import ClientPayloadError, EofStream, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway import caching, conditions, hooks, ranges, security
+from gateway import caching, conditions, hooks, ranges, security, sending
 from gateway.auth import READ_EXPIRES, READ_PRIVATE, TOKEN_PATH
 from gateway.errors import HTTPError
 from gateway.mediatypes import guess_content_type, normalize_content_type
 from storage.errors import ChunkRejected, ChunkSizeDrift, IncompleteBody, ObjectError, PreconditionNotMet
 from storage.keys import BadKey, validate_key
 from storage.manifest import Manifest
-from storage.objects import ObjectStore
+from storage.objects import ChunkPiece, ObjectStore
 
 log = logging.getLogger("chunkgate.http")
 
@@ -261,7 +261,7 @@ async def _serve(request: web.Request, store: ObjectStore, m: Manifest) -> web.S
 
     # Pull the first bytes before sending headers: a missing, corrupt or drifted first chunk is
     # then a clean error status instead of a broken body.
-    streams = [store.read(m, p.start, p.end) for p in parts]
+    streams = [store.read_pieces(m, p.start, p.end) for p in parts]
     try:
         first = await _first_piece(request, streams[0]) if parts[0].end > parts[0].start else None
     except BaseException as exc:
@@ -275,18 +275,25 @@ async def _serve(request: web.Request, store: ObjectStore, m: Manifest) -> web.S
         raise
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = length
-    await response.prepare(request)
+    sender = sending.BodySender(request, response, sending.SendPolicy.of(request.app))
+    try:
+        await response.prepare(request)
+    except BaseException:
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+        raise
     sent = 0
     try:
         for i, stream in enumerate(streams):
             if multipart is not None:
-                sent += await _write(response, multipart.part_header(i))
+                sent += await sender.write(multipart.part_header(i))
             if i == 0 and first is not None:
-                sent += await _write(response, first)
+                sent += await sender.send(first)
+                first = None
             async for piece in stream:
-                sent += await _write(response, piece)
+                sent += await sender.send(piece)
         if multipart is not None:
-            sent += await _write(response, multipart.trailer())
+            sent += await sender.write(multipart.trailer())
     except (ChunkRejected, ChunkSizeDrift, ObjectError) as exc:
         # Headers are gone: the only honest thing left is to end the connection, so the client
         # sees a short body instead of bytes that contradict Content-Length or the ETag.
@@ -295,19 +302,24 @@ async def _serve(request: web.Request, store: ObjectStore, m: Manifest) -> web.S
         _abort(request)
         return response
     except ConnectionResetError:
-        # The viewer went away mid-body (players cancel a request on every seek): normal
-        # traffic, not a server error; without this it was logged with a traceback and counted 500.
+        # The viewer went away mid-body (players cancel a request on every seek), or stopped
+        # reading and was closed by --send-timeout / --min-download-rate (gateway.sending):
+        # not a server error; without this it was logged with a traceback and counted 500.
         log.debug("client closed the connection to %r after %d bytes", m.key, sent)
         return response
     finally:
         request["chunkgate.bytes_sent"] = sent
+        if first is not None:
+            first.release()
         for stream in streams:
             await stream.aclose()  # type: ignore[attr-defined]
+        if sender.went_slow:
+            sending.return_memory_soon()
     await response.write_eof()
     return response
 
 
-async def _first_piece(request: web.Request, stream: AsyncIterator[bytes]) -> bytes | None:
+async def _first_piece(request: web.Request, stream: AsyncIterator[ChunkPiece]) -> ChunkPiece | None:
     """The first piece of the body, or ``ConnectionResetError`` if the client leaves first.
 
     aiohttp does not cancel a handler when its client disconnects (handler cancellation is off,
@@ -334,11 +346,6 @@ async def _first_piece(request: web.Request, stream: AsyncIterator[bytes]) -> by
 
 
 _GONE_POLL = 0.005  # seconds between checks for a client that left before the first byte
-
-
-async def _write(response: web.StreamResponse, data: Any) -> int:
-    await response.write(data)
-    return len(data)
 
 
 def _abort(request: web.Request) -> None:

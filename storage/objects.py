@@ -28,7 +28,7 @@ from storage import hashing, intents, keys, readplan
 from storage.backends.base import Backend, Blob, NotFound, PermanentError, PreconditionFailed, TransientError
 from storage.buffers import ChunkBuffers
 from storage.chunker import Chunk, Chunker
-from storage.cache import ChunkCache
+from storage.cache import ChunkCache, Loan
 from storage.listing import UNKNOWN, ListingCache, Listed
 from storage.errors import (
     BodyTooLarge,
@@ -397,12 +397,24 @@ class ObjectStore:
 
     # ------------------------------------------------------------------ reads: bytes
     async def read(self, manifest: Manifest, start: int, end: int) -> AsyncIterator[bytes]:
-        """Yield bytes ``[start, end)`` of ``manifest``'s object, every chunk checked.
+        """Yield bytes ``[start, end)`` of ``manifest``'s object, every chunk checked (see
+        ``read_pieces``; each piece is yielded as one bytes-like view)."""
+        pieces = self.read_pieces(manifest, start, end)
+        try:
+            async for piece in pieces:
+                yield await piece.view()  # type: ignore[misc]
+        finally:
+            await pieces.aclose()  # type: ignore[attr-defined]
+
+    async def read_pieces(self, manifest: Manifest, start: int, end: int) -> AsyncIterator["ChunkPiece"]:
+        """Yield bytes ``[start, end)`` of ``manifest``'s object as ``ChunkPiece``s, every chunk
+        checked. A piece lends its chunk from the cache (the memory stays counted against the
+        cache's budget) until the consumer asks for the next piece or closes the generator.
 
         Raises ``ChunkRejected`` (never serve) or ``ChunkSizeDrift`` (the manifest is being
         repaired; the caller must not go on with headers computed from the old sizes). Closing
-        the generator early (a client that went away) gives up its read-ahead: fetches nobody
-        else waits for are cancelled."""
+        the generator early (a client that went away) gives up its read-ahead and its loan:
+        fetches nobody else waits for are cancelled."""
         refs = list(manifest.chunks_for(start, end))
         # A cold read of a few KiB inside one chunk (a player's seek, a multi-range part) fetches
         # only the blocks it touches — verified against their recorded SHA-256 and cached, so the
@@ -412,10 +424,19 @@ class ObjectStore:
             len(refs), end - start, self.options.small_read_bytes, verify=self.options.verify_reads,
             has_blocks=refs[0].blocks is not None and manifest.block_size > 0,
         ) and keys.chunk_key(manifest.key, manifest.version, refs[0].index) not in self.cache:
-            yield await self._read_small(manifest, refs[0], start, end)
+            yield ChunkPiece.of_bytes(await self._read_small(manifest, refs[0], start, end))
             return
         owner = object()  # this read's read-ahead claims
         claimed: list[str] = []
+
+        def give_up_readahead() -> None:
+            # The reader stalled (a client that stopped reading): read-ahead is for readers
+            # that keep up, and held for a stalled one it would keep others waiting for room.
+            if claimed:
+                self.cache.release(owner, list(claimed))
+                claimed.clear()
+
+        piece: ChunkPiece | None = None
         try:
             for n, ref in enumerate(refs):
                 # The window opens as the reader proves it is still there (each chunk it took
@@ -431,16 +452,31 @@ class ObjectStore:
                 ck = keys.chunk_key(manifest.key, manifest.version, ref.index)
                 if ck in claimed:
                     claimed.remove(ck)
-                chunk = await self.chunk(manifest, ref, owner=owner)
+                loan = await self._borrow(manifest, ref, owner=owner)
                 lo = max(start, ref.offset) - ref.offset
                 hi = min(end, ref.end) - ref.offset
-                if lo == 0 and hi == len(chunk.data):
-                    yield chunk.data
-                else:
-                    yield memoryview(chunk.data)[lo:hi]  # type: ignore[misc]
+                piece = ChunkPiece(self, manifest, ref, lo, hi, loan, give_up_readahead)
+                yield piece
+                piece.release()
+                piece = None
         finally:
+            if piece is not None:
+                piece.release()
             if claimed:
                 self.cache.release(owner, claimed)
+
+    async def _borrow(self, manifest: Manifest, ref: ChunkRef, *, owner: object | None = None) -> "Loan[StoredChunk]":
+        """A loan of one chunk, from the cache or the store (single-flight), checked against ``ref``."""
+        ck = keys.chunk_key(manifest.key, manifest.version, ref.index)
+        loan = await self.cache.borrow(ck, self._fetcher(ck, manifest, ref), size=_cost(ref.size), owner=owner)
+        try:
+            stored = loan.value
+            assert stored is not None
+            self._check(manifest, ref, len(stored.data), stored.sha256)
+        except BaseException:
+            loan.release()
+            raise
+        return loan
 
     def _fetcher(self, ck: str, manifest: Manifest, ref: ChunkRef) -> Callable[[], Awaitable[StoredChunk]]:
         return lambda: self._fetch_chunk(ck, manifest, ref)
@@ -643,6 +679,63 @@ class ObjectStore:
         for task in list(self._pending_gc) + list(self._repairs.values()):
             task.cancel()
         await asyncio.gather(*self._pending_gc, *self._repairs.values(), return_exceptions=True)
+
+
+class ChunkPiece:
+    """Bytes ``[lo, hi)`` of one chunk, lent by the cache to the response sending them.
+
+    ``view()`` is the bytes (fetched and checked again if the cache took the chunk back while
+    the piece was idle); ``idle()`` says the holder keeps no reference into them for now (its
+    client is not reading), so the cache may take the chunk back for a reader that waits for room.
+    A piece is only valid until its reader asks for the next one."""
+
+    __slots__ = ("_store", "_manifest", "_ref", "lo", "hi", "_loan", "_data", "_on_idle")
+
+    def __init__(self, store: ObjectStore | None, manifest: Manifest | None, ref: ChunkRef | None, lo: int, hi: int,
+                 loan: Loan[StoredChunk] | None, on_idle: Callable[[], None] | None = None, data: Any = None) -> None:
+        self._store, self._manifest, self._ref = store, manifest, ref
+        self.lo, self.hi = lo, hi
+        self._loan = loan
+        self._data = data
+        self._on_idle = on_idle
+
+    @classmethod
+    def of_bytes(cls, data: bytes) -> "ChunkPiece":
+        """A piece that is its own small copy (a block read): nothing to lend or take back."""
+        return cls(None, None, None, 0, len(data), None, data=data)
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def reclaimed(self) -> bool:
+        return self._loan is not None and self._loan.reclaimed
+
+    async def view(self) -> Any:
+        """The piece's bytes: the whole chunk's ``bytes`` or a read-only view of part of it."""
+        if self._data is not None:
+            return self._data
+        loan = self._loan
+        assert loan is not None and self._store is not None and self._manifest is not None and self._ref is not None
+        if loan.reclaimed:
+            # Taken back while idle: borrow again (a cache hit, or a fetch that waits for room
+            # like any other and is verified like any other).
+            loan = self._loan = await self._store._borrow(self._manifest, self._ref)
+        loan.set_idle(False)
+        data = loan.value.data  # type: ignore[union-attr]
+        if self.lo == 0 and self.hi == len(data):
+            return data
+        return memoryview(data)[self.lo:self.hi]
+
+    def idle(self) -> None:
+        if self._on_idle is not None:
+            self._on_idle()
+        if self._loan is not None:
+            self._loan.set_idle(True)
+
+    def release(self) -> None:
+        if self._loan is not None:
+            self._loan.release()
 
 
 class ChunkWriter:

@@ -92,3 +92,85 @@ async def test_discard_forgets_a_key() -> None:
     assert "k" not in c
     await fetched(c, "k", 4, calls)
     assert calls == ["k", "k"]
+
+
+# ------------------------------------------------------------------ loans (gateway.sending's budget)
+def fetcher(key: str, size: int, calls: list[str], gate: asyncio.Event | None = None):  # type: ignore[no-untyped-def]
+    async def fetch() -> bytes:
+        calls.append(key)
+        if gate is not None:
+            await gate.wait()
+        await asyncio.sleep(0)
+        return key.encode() * size
+
+    return fetch
+
+
+async def test_a_lent_chunk_counts_against_the_budget_and_a_miss_waits_for_room() -> None:
+    c = cache(20)
+    calls: list[str] = []
+    a = await c.borrow("a", fetcher("a", 10, calls), size=10)
+    b = await c.borrow("b", fetcher("b", 10, calls), size=10)
+    waiting = asyncio.ensure_future(c.get("c", fetcher("c", 10, calls), size=10))
+    await asyncio.sleep(0.01)
+    assert not waiting.done() and c.waiting == 1 and calls == ["a", "b"]  # a busy loan is never taken back
+    assert c.used <= 20
+    a.release()
+    assert await waiting == b"c" * 10 and c.used <= 20
+    b.release()
+
+
+async def test_an_idle_loan_is_taken_back_for_a_reader_that_waits_and_can_be_borrowed_again() -> None:
+    c = cache(10)
+    calls: list[str] = []
+    stalled = await c.borrow("a", fetcher("a", 10, calls), size=10)
+    stalled.set_idle(True)  # its client stopped reading; it holds no reference into the bytes
+    assert await c.get("b", fetcher("b", 10, calls), size=10) == b"b" * 10  # no wait for the stalled one
+    assert stalled.reclaimed and stalled.value is None and c.stats.reclaimed == 1
+    again = await c.borrow("a", fetcher("a", 10, calls), size=10)  # it reads on: fetched again, in budget
+    assert again.value == b"a" * 10 and calls == ["a", "b", "a"] and c.used <= 10
+    stalled.release()  # giving back a reclaimed loan changes nothing
+    again.release()
+    assert c.held == 0
+
+
+async def test_readers_share_one_lent_chunk_and_it_is_taken_back_only_when_all_are_idle() -> None:
+    c = cache(10)
+    calls: list[str] = []
+    one = await c.borrow("a", fetcher("a", 10, calls), size=10)
+    two = await c.borrow("a", fetcher("a", 10, calls), size=10)
+    assert calls == ["a"] and c.held == 10
+    one.set_idle(True)
+    waiting = asyncio.ensure_future(c.get("b", fetcher("b", 10, calls), size=10))
+    await asyncio.sleep(0.01)
+    assert not waiting.done() and not one.reclaimed  # the other reader still sends from it
+    two.set_idle(True)
+    assert await waiting == b"b" * 10 and one.reclaimed and two.reclaimed
+
+
+async def test_a_reader_joining_a_fetch_its_last_claimant_just_dropped_gets_the_value() -> None:
+    c = cache(100)
+    calls: list[str] = []
+    gate = asyncio.Event()
+    owner = object()
+    assert c.prefetch("a", fetcher("a", 10, calls, gate), size=10, owner=owner)
+    await asyncio.sleep(0)
+    c.release(owner, ["a"])  # the read-ahead's reader stalled or left: its fetch is cancelled
+    gate.set()
+    assert await c.get("a", fetcher("a", 10, calls, gate), size=10) == b"a" * 10  # not a CancelledError
+    assert calls == ["a", "a"]
+
+
+async def test_a_waiting_reader_gives_up_its_own_read_ahead_so_readers_cannot_deadlock() -> None:
+    c = cache(20)
+    calls: list[str] = []
+    lent = await c.borrow("x", fetcher("x", 10, calls), size=10)
+    owner = object()
+    assert c.prefetch("n", fetcher("n", 10, calls), size=10, owner=owner)  # its next chunk
+    await asyncio.sleep(0.01)
+    assert c.held == 20
+    # The same reader now needs a chunk it did not claim: waiting while holding "n" would wait
+    # for itself; its claim goes, and the chunk it needs fits.
+    got = await asyncio.wait_for(c.get("w", fetcher("w", 10, calls), size=10, owner=owner), 5)
+    assert got == b"w" * 10 and c.used <= 20
+    lent.release()

@@ -181,6 +181,7 @@ def _keep_freed_memory() -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.mallopt(-8, 2)  # M_ARENA_MAX: chunks fetched in threads reuse what the loop freed (gateway.sending)
     except (OSError, AttributeError):  # not glibc (musl, macOS): their allocators decide
         pass
 
