@@ -86,7 +86,7 @@ def test_quick_run_writes_a_result_with_passing_byte_checks(tmp_path: Path) -> N
     for series in ("chunkgate_curl", "boto3_download_fileobj", "curl_from_store"):
         assert len(cold[series]["runs"]) == 1 and cold[series]["median"] > 0
     # A cold read fetches each chunk once (plus the manifest), never twice.
-    assert all(1.0 <= r < 1.01 for r in cold["store_bytes_per_object_byte"])
+    assert all(1.0 <= r < 1.01 for r in cold["store_bytes_per_object_byte"]), cold["store_bytes_per_object_byte"]
 
     put = result["scenarios"]["put"]["sizes"]["16MiB"]
     assert put["chunkgate_put"]["median"] > 0 and put["boto3_upload_fileobj"]["median"] > 0
