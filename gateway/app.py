@@ -20,12 +20,20 @@ from gateway.config import ConfigError, ServeConfig
 from gateway.errors import error_middleware, json_error
 from gateway.hooks import HookClient, delivered
 from gateway.metrics import Metrics, metrics_handler
+from storage import stack
 from storage.backends.base import Backend
-from storage.leases import StoreLockManager
+from storage.locks import LockAdmin
 from storage.objects import ObjectStore, StoreOptions
 from storage.outbox import Outbox, OutboxOptions
-from storage.probe import StoreCapabilities, apply, probe
-from storage.stack import StackOptions, build_store, direct
+from storage.probe import StoreCapabilities
+from storage.stack import (
+    StackOptions,
+    build_store,
+    check_store,
+    close_store,
+    store_name,
+    uses_store_leases,
+)
 from storage.tolerance import SizeTolerance
 
 access_log = logging.getLogger("chunkgate.access")
@@ -145,9 +153,7 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     app.router.add_route("*", r"/{path:[\s\S]*}", fallback)
 
     async def on_startup(app: web.Application) -> None:
-        check = getattr(store.backend, "check", None)
-        if check is not None:
-            await check()
+        await check_store(store)
         await probe_store(app)
         app["background"] = [asyncio.ensure_future(_clear_stale_locks(store.locks, cfg.lock_stale_after))]
         if cfg.gc_interval > 0:
@@ -169,18 +175,12 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
         for task in app.get("background", []):
             task.cancel()
         await asyncio.gather(*app.get("background", []), return_exceptions=True)
-        uploads = app.get("uploads")
-        if uploads is not None and hasattr(uploads, "close"):
-            await uploads.close()
+        await app["uploads"].close()
         if outbox is not None:  # an event cut off mid-delivery stays recorded: delivered after a restart
             await outbox.close()
         if "hooks" in app:
             await app["hooks"].close()
-        await store.close()
-        close_locks = getattr(store.locks, "close", None)
-        if close_locks is not None:  # store leases: stop renewals, release records still held
-            await close_locks()
-        await store.backend.close()
+        await close_store(store)
 
     app.on_response_prepare.append(decorate_response)
     # First: the store's check and probe come before anything that uses the store (the tus sweeper).
@@ -198,15 +198,11 @@ async def probe_store(app: web.Application) -> StoreCapabilities:
     it found); at most every minute again for /readyz. Several gateways over a store that ignores
     them would silently lose writes, so ``--locks store`` is refused on it with one line."""
     store: ObjectStore = app["store"]
-    caps = await probe(direct(store.backend))
-    apply(store.backend, caps)
-    store.manifests.conditional_deletes = caps.conditional_delete
-    if isinstance(store.locks, StoreLockManager):  # else lease records are marked released, never deleted
-        store.locks.conditional_deletes = caps.conditional_delete
+    caps = await stack.probe_store(store)
     # Not probed (a full store): ask again on the next /readyz instead of a minute later.
     app["store_caps"] = (float("-inf") if caps.full else time.monotonic(), caps)
-    if not caps.conditional_put and isinstance(store.locks, StoreLockManager):
-        raise ConfigError(f"--locks store: the store {store.backend.name} does not honour conditional writes "
+    if not caps.conditional_put and uses_store_leases(store):
+        raise ConfigError(f"--locks store: the store {store_name(store)} does not honour conditional writes "
                           f"({caps.describe()}), so several gateways cannot share it safely; "
                           "run one gateway with --locks local")
     if caps.problems or caps.full:
@@ -214,15 +210,13 @@ async def probe_store(app: web.Application) -> StoreCapabilities:
     return caps
 
 
-async def _clear_stale_locks(locks: Any, every: float) -> None:
+async def _clear_stale_locks(locks: LockAdmin, every: float) -> None:
     """A lease that went stale while nobody waited for its key is cleared here, so its entry
     (and its place in /admin/locks and the lock gauges) does not linger forever."""
     while True:
         await asyncio.sleep(max(0.5, every))
         try:
-            clear = getattr(locks, "clear_stale", None)
-            if clear is not None:
-                await clear()
+            await locks.clear_stale()
         except Exception:  # never let housekeeping die
             logging.getLogger("chunkgate.locks").exception("clearing stale locks failed")
 
@@ -297,7 +291,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     store: ObjectStore = request.app["store"]
     try:
-        await store.backend.check()
+        await check_store(store)
         probed_at, caps = request.app.get("store_caps", (0.0, None))
         if caps is None or time.monotonic() - probed_at > PROBE_EVERY_SECONDS:
             caps = await probe_store(request.app)
@@ -305,7 +299,7 @@ async def readyz(request: web.Request) -> web.Response:
         return json_error(503, "store_unsafe", str(exc))
     except Exception as exc:  # noqa: BLE001 - whatever it is, the store is not usable now
         return json_error(503, "store_unavailable", f"the store does not answer: {exc}")
-    return web.json_response({"status": "ready", "store": store.backend.name,
+    return web.json_response({"status": "ready", "store": store_name(store),
                               "conditional_writes": caps.conditional_put,
                               "conditional_deletes": caps.conditional_delete,
                               # Full: reads are served, writes get 507 until space is freed.

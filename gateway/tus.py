@@ -23,7 +23,7 @@ from aiohttp import web
 
 from gateway import hooks
 from gateway.auth import check_token
-from gateway.errors import HTTPError, json_error, to_response
+from gateway.errors import HTTPError, to_response
 from gateway.objects import BODY_READ_ERRORS, UploadRateFloor, upload_content_type
 from storage.errors import IncompleteBody
 from storage.keys import validate_key
@@ -31,10 +31,6 @@ from storage.quota import UploadCaps, client_id
 from storage.uploads import (
     CHECKSUM_ALGORITHMS,
     BodyInterrupted,
-    OffsetMismatch,
-    UploadInterrupted,
-    UploadChecksumMismatch,
-    UploadGone,
     UploadOptions,
     UploadSessions,
     UploadState,
@@ -145,18 +141,7 @@ def require_tus_resumable(headers: Any) -> None:
                         headers={"Tus-Version": TUS_VERSION})
 
 
-# ------------------------------------------------------------------------------ errors
-def tus_error(exc: BaseException) -> web.Response | None:
-    """Upload errors as tus statuses; everything else through the gateway's one mapping."""
-    if isinstance(exc, (OffsetMismatch, UploadInterrupted)):
-        return json_error(409, exc.code, exc.message, {"Upload-Offset": str(exc.offset)})
-    if isinstance(exc, UploadGone):
-        return json_error(410, exc.code, exc.message)
-    if isinstance(exc, UploadChecksumMismatch):
-        return json_error(460, exc.code, exc.message)
-    return to_response(exc)
-
-
+# ------------------------------------------------------------------------------ routes
 def tus_route(handler: Handler) -> Handler:
     """Every tus response carries Tus-Resumable, errors included."""
 
@@ -167,12 +152,9 @@ def tus_route(handler: Handler) -> Handler:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            mapped = tus_error(exc)
+            mapped = to_response(exc)  # the one mapping (gateway/errors.py), tus statuses included
             if mapped is None:
                 raise
-            extra = getattr(exc, "tus_headers", None)
-            if extra:
-                mapped.headers.update(extra)
             response = mapped
         response.headers["Tus-Resumable"] = TUS_VERSION
         response.headers.setdefault("Cache-Control", "no-store")
@@ -297,8 +279,11 @@ async def create(request: web.Request) -> web.StreamResponse:
         try:
             status = await _append(request, status.id, offset=0, length=None, checksum=checksum)
         except Exception as exc:
-            exc.tus_headers = {"Location": location}  # type: ignore[attr-defined]
-            raise
+            failed = to_response(exc)
+            if failed is None:
+                raise
+            failed.headers["Location"] = location  # the upload exists: the client resumes it there
+            return failed
     headers = {"Location": location, "Upload-Offset": str(status.offset)}
     if status.state in (UploadState.PENDING, UploadState.RECEIVING):
         headers["Upload-Expires"] = http_date(status.expires)

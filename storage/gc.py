@@ -31,11 +31,14 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from storage import intents, keys
 from storage.backends.base import Backend
 from storage.errors import CorruptManifest
+
+if TYPE_CHECKING:  # storage.objects imports this module's neighbours; only the type is needed
+    from storage.objects import ObjectStore
 
 log = logging.getLogger("chunkgate.gc")
 
@@ -280,9 +283,17 @@ async def _sweep_leftovers(backend: Backend, seen: _Referenced, busy_kids: set[s
             await intents.end(backend, intent.version)
 
 
-async def run_periodically(store: Any, interval: float, grace: float,
+async def collect_store(store: ObjectStore, *, grace: float, dry_run: bool = False,
+                        progress: Callable[[int], None] | None = None) -> GcReport:
+    """``collect`` over the store an ObjectStore sits on, removing tombstones only where the
+    store honours conditional deletes (its probe said so)."""
+    return await collect(store.backend, grace=grace, dry_run=dry_run, progress=progress,
+                         conditional_deletes=store.manifests.conditional_deletes)
+
+
+async def run_periodically(store: ObjectStore, interval: float, grace: float,
                            on_report: Callable[[GcReport], None] | None = None) -> None:
-    """Run ``collect`` on ``store.backend`` every ``interval`` seconds (jittered, so gateways
+    """Run ``collect_store`` every ``interval`` seconds (jittered, so gateways
     sharing a store do not all sweep at once) until cancelled. Failures are logged, never
     raised: gc is housekeeping and must not take the gateway down. Several gateways sweeping
     the same store at once is safe (deletes are idempotent), just wasted work."""
@@ -291,7 +302,7 @@ async def run_periodically(store: Any, interval: float, grace: float,
     while True:
         await asyncio.sleep(random.uniform(0.5, 1.0) * interval)
         try:
-            report = await collect(store.backend, grace=grace, conditional_deletes=store.manifests.conditional_deletes)
+            report = await collect_store(store, grace=grace)
         except asyncio.CancelledError:
             raise
         except Exception:

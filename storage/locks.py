@@ -160,10 +160,10 @@ class LockStats:
 
 @runtime_checkable
 class Locker(Protocol):
-    """Per-key leases, the tusd "locker" idea: the object layer and tus uploads depend on this
-    protocol only, so the in-process manager and a store-backed one swap freely."""
-
-    stats: LockStats
+    """Per-key leases, the tusd "locker" idea: what writers depend on (the object layer, tus
+    uploads, the hook outbox), so the in-process manager and the store-backed one swap freely.
+    ``request_release`` asks the current holder to let go (a tus PATCH stops at a chunk boundary
+    and keeps what it received); the lease is what the holder renews, checks and releases."""
 
     async def acquire(
         self, key: str, *, owner: str, timeout: float | None = None, request_release: bool = False
@@ -176,6 +176,14 @@ class Locker(Protocol):
     ) -> AbstractAsyncContextManager[Lease]:
         """``acquire`` on entry, ``Lease.release`` on exit (also on error or cancellation)."""
         ...
+
+
+@runtime_checkable
+class LockAdmin(Protocol):
+    """What operators and housekeeping see of a locker: statistics, ``/admin/locks``, stale
+    clearing, shutdown. Separate from ``Locker``: nothing that takes locks needs these."""
+
+    stats: LockStats
 
     async def clear_stale(self) -> int:
         """Clear every stale lease now, whether or not anyone waits; return how many."""
@@ -200,6 +208,15 @@ class Locker(Protocol):
     def __len__(self) -> int:
         """Keys with live entries (held or waited for); 0 when idle."""
         ...
+
+    async def close(self) -> None:
+        """Stop background work and release what is still held (store leases); at shutdown."""
+        ...
+
+
+@runtime_checkable
+class LockService(Locker, LockAdmin, Protocol):
+    """Both views: what the stack builds (``LockManager``, ``storage.leases.StoreLockManager``)."""
 
 
 @dataclass(eq=False)
@@ -377,6 +394,9 @@ class LockManager:
         return max(0.0, max(ages)) if ages else 0.0
 
     # -- _LeaseHome --------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Nothing to release: in-process locks end with the process (store leases do more)."""
 
     def _now(self) -> float:
         return self._clock()

@@ -1,4 +1,7 @@
-"""The one function that assembles the store: backend, its wrappers, locks and the object layer.
+"""The one place the store is assembled (backend, its wrappers, locks, the object layer), made
+ready (``open_store``: the store answers, and what it honours is probed and applied) and taken
+down (``close_store``). serve and the maintenance commands use these and the ObjectStore's own
+methods, never the parts underneath.
 
 Wrapper order, innermost first — each is one concern:
   raw backend -> fault injection (tests/debug) -> observation (metrics) -> limiter -> retries
@@ -27,6 +30,7 @@ from storage.backends.observed import BackendObserver, ObservedBackend
 from storage.backends.retrying import RetryingBackend
 from storage.locks import LockManager
 from storage.objects import ObjectStore, StoreOptions
+from storage.probe import StoreCapabilities, apply, probe
 
 
 @dataclass
@@ -127,3 +131,45 @@ def build_store(opts: StackOptions, store_options: StoreOptions, observer: Any =
     backend = build_backend(opts, observer, raw)
     locks = build_locks(opts, backend, getattr(observer, "lock_waited", None))
     return ObjectStore(backend, locks, store_options)
+
+
+async def open_store(store: ObjectStore) -> StoreCapabilities:
+    """Check that the store answers (raises what the check raises: a store that is down, a
+    bucket that is missing, a deadline), then probe what it honours and apply it."""
+    await store.backend.check()
+    return await probe_store(store)
+
+
+async def probe_store(store: ObjectStore) -> StoreCapabilities:
+    """Probe, on private keys, which conditions the store honours (storage.probe), and apply the
+    answer: tombstones and lease records are removed only where conditional deletes hold."""
+    caps = await probe(direct(store.backend))
+    apply(store.backend, caps)
+    store.manifests.conditional_deletes = caps.conditional_delete
+    if uses_store_leases(store):  # else lease records are marked released, never deleted
+        store.locks.conditional_deletes = caps.conditional_delete
+    return caps
+
+
+async def check_store(store: ObjectStore) -> None:
+    """One cheap call that fails when the store does not answer (for /readyz)."""
+    await store.backend.check()
+
+
+def store_name(store: ObjectStore) -> str:
+    """The store as a user named it (``s3://bucket/prefix``, a directory), for logs and /readyz."""
+    return store.backend.name
+
+
+def uses_store_leases(store: ObjectStore) -> bool:
+    """Whether the store's locks are leases in the store itself (several gateways may share it)."""
+    from storage.leases import StoreLockManager
+
+    return isinstance(store.locks, StoreLockManager)
+
+
+async def close_store(store: ObjectStore) -> None:
+    """Stop what runs in the background, release store leases still held, close the client."""
+    await store.close()
+    await store.locks.close()  # store leases: stop renewals, release records still held
+    await store.backend.close()

@@ -14,7 +14,7 @@ import logging
 
 import pytest
 
-from storage.locks import Lease, LeaseLost, Locker, LockManager, LockStats, LockTimeout
+from storage.locks import Lease, LeaseLost, LockAdmin, Locker, LockManager, LockService, LockStats, LockTimeout
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,7 +46,7 @@ async def wait_until(predicate, limit: float = 10.0) -> None:
 async def test_uncontended_acquire_returns_current_lease_and_release_frees_the_key() -> None:
     clock = FakeClock()
     mgr = LockManager(clock=clock)
-    assert isinstance(mgr, Locker)
+    assert isinstance(mgr, Locker) and isinstance(mgr, LockAdmin) and isinstance(mgr, LockService)
     lease = await mgr.acquire("videos/a.mp4", owner="put-1")
     assert (lease.key, lease.owner, lease.acquired_at, lease.renewed_at) == ("videos/a.mp4", "put-1", 1000.0, 1000.0)
     assert lease.valid and len(mgr) == 1 and mgr.active() == 1
@@ -438,3 +438,11 @@ def test_lease_lost_and_lock_timeout_carry_key_and_details() -> None:
     timeout = LockTimeout("k", 1.5)
     assert (timeout.key, timeout.waited) == ("k", 1.5) and "'k'" in str(timeout)
     assert Lease("k", "o", 1, 0.0, 0.0).valid  # a detached lease is usable in other tests' fakes
+
+
+def test_both_lockers_offer_the_writer_and_the_admin_view() -> None:
+    from storage.backends.memory import MemoryBackend
+    from storage.leases import StoreLockManager
+
+    for locker in (LockManager(), StoreLockManager(MemoryBackend())):
+        assert isinstance(locker, LockService), type(locker)

@@ -28,8 +28,7 @@ from gateway.config import (
     parse_nonneg_int,
     resolve,
 )
-from storage.probe import apply, probe
-from storage.stack import innermost
+from storage.stack import close_store, open_store
 
 DEFAULT_GC_GRACE = 3600.0
 
@@ -89,23 +88,13 @@ def _build_store(cfg: ServeConfig) -> Any:
 async def _open(cfg: ServeConfig) -> Any:
     store = _build_store(cfg)
     try:
-        await store.backend.check()
-        # As serve does: what the store honours decides whether tombstones may be removed.
-        caps = await probe(innermost(store.backend))
+        # As serve does: what the store honours decides whether tombstones may be removed. The
+        # probe is bounded by --store-timeout as every store call is.
+        await open_store(store)
     except Exception as exc:
-        await _close(store)
+        await close_store(store)
         raise ConfigError(f"--store: the store {cfg.store} is not usable: {exc}") from None
-    apply(store.backend, caps)
-    store.manifests.conditional_deletes = caps.conditional_delete
     return store
-
-
-async def _close(store: Any) -> None:
-    close_locks = getattr(store.locks, "close", None)
-    if close_locks is not None:
-        await close_locks()
-    await store.close()
-    await store.backend.close()
 
 
 def _bar(desc: str, unit: str) -> Any:
@@ -148,7 +137,7 @@ def _command(parser: argparse.ArgumentParser, argv: Sequence[str], flag: str, co
             return _fail(f"{what} stopped: the store failed: {exc}", 1)
         finally:
             bar.close()
-            await _close(store)
+            await close_store(store)
 
     return _run(main)
 
@@ -166,10 +155,9 @@ def cmd_gc(argv: Sequence[str]) -> int:
         return DEFAULT_GC_GRACE if raw is None else parse_duration(raw)
 
     async def work(store: Any, ns: argparse.Namespace, grace: float, bar: Any) -> int:
-        from storage.gc import collect
+        from storage.gc import collect_store
 
-        report = await collect(store.backend, grace=grace, dry_run=ns.dry_run, progress=bar.update,
-                               conditional_deletes=store.manifests.conditional_deletes)
+        report = await collect_store(store, grace=grace, dry_run=ns.dry_run, progress=bar.update)
         print(report.summary())
         return 1 if report.delete_errors else 0
 

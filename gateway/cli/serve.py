@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from gateway.cli import fail
 from gateway.config import ConfigError, ServeConfig, add_serve_arguments, resolve
 from storage.backends.deadline import StoreTimeout
+from storage.stack import store_name
 
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is data.
@@ -103,7 +104,7 @@ async def serve(cfg: ServeConfig) -> int:
     sockets = [s for s in (site._server.sockets if site._server else [])]  # type: ignore[union-attr]
     port = sockets[0].getsockname()[1] if sockets else cfg.port
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    print(f"chunkgate listening on http://{host}:{port} (store: {app['store'].backend.name})", flush=True)
+    print(f"chunkgate listening on http://{host}:{port} (store: {store_name(app['store'])})", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

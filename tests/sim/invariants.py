@@ -75,11 +75,8 @@ class OpRecord:
 def _maps_cleanly(exc: BaseException) -> int | None:
     """The HTTP status the gateway answers ``exc`` with (None: it would be a 500)."""
     from gateway.errors import to_response
-    from gateway.tus import tus_error
 
-    response = tus_error(exc)
-    if response is None:
-        response = to_response(exc)
+    response = to_response(exc)
     return None if response is None or response.status == 500 else response.status
 
 
