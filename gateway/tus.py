@@ -14,17 +14,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import email.utils
 import functools
 import re
+from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from gateway import hooks
+from gateway import conditions, hooks
 from gateway.auth import check_token
 from gateway.errors import HTTPError, to_response
-from gateway.objects import BODY_READ_ERRORS, UploadRateFloor, upload_content_type
+from gateway.objects import (
+    BODY_READ_ERRORS,
+    UploadRateFloor,
+    owner_of,
+    upload_content_type,
+)
 from storage.errors import IncompleteBody
 from storage.keys import validate_key
 from storage.quota import UploadCaps, client_id
@@ -106,7 +111,8 @@ def parse_checksum(header: str | None) -> tuple[str, bytes] | None:
 
 
 def http_date(unix: float) -> str:
-    return email.utils.formatdate(unix, usegmt=True)
+    """A tus expiry (unix seconds) as an HTTP date, the one way the gateway writes dates."""
+    return conditions.http_date(datetime.fromtimestamp(unix, timezone.utc))
 
 
 def status_headers(status: UploadStatus) -> dict[str, str]:
@@ -166,10 +172,6 @@ def tus_route(handler: Handler) -> Handler:
 # ------------------------------------------------------------------------------ handlers
 def sessions_of(request: web.Request) -> UploadSessions:
     return request.app["uploads"]
-
-
-def owner_of(request: web.Request) -> str:
-    return f"{request.method} {request.get('request_id', '-')}"
 
 
 def client_of(request: web.Request) -> str:
