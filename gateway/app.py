@@ -13,6 +13,7 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway import objects, security, tus, webui
 from gateway.auth import TOKEN_PATH, admin_sign, auth_middleware, redact_path
@@ -316,7 +317,7 @@ def observe_middleware(metrics: Metrics) -> Any:
     log line, both from the same status and duration."""
 
     @web.middleware
-    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         rid = request.headers.get("X-Request-Id", "")
         if not rid or len(rid) > 128 or not rid.isprintable():
             rid = uuid.uuid4().hex
@@ -370,7 +371,7 @@ def upload_cap_middleware(limit: int) -> Any:
     in_use = 0
 
     @web.middleware
-    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         nonlocal in_use
         if not limit or request.method not in ("PUT", "PATCH", "POST") or not request.body_exists:
             return await handler(request)
@@ -406,7 +407,7 @@ def cors_middleware(origins_setting: str) -> Any:
         return None
 
     @web.middleware
-    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
         if request.method == "OPTIONS" and origin and "Access-Control-Request-Method" in request.headers:
             wanted = request.headers["Access-Control-Request-Method"].upper()

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway.errors import HTTPError
 
@@ -216,7 +217,7 @@ READ_PRIVATE = "chunkgate.read_private"  # admitted by a bearer token: no shared
 
 def auth_middleware(tokens: list[str], signing_key: str | None) -> Any:
     @web.middleware
-    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
         if request.method == "OPTIONS":
             return await handler(request)

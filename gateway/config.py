@@ -202,7 +202,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth-token", dest="auth_token", action="append", default=None,
                         help=f"bearer token that may write and administer (repeatable) [env {env_name('--auth-token')}, comma-separated]")
     parser.add_argument("--allow-anonymous-writes", dest="allow_anonymous_writes", action="store_const", const="true",
-                        default=None, help=f"permit writes without tokens on a non-loopback host [env {env_name('--allow-anonymous-writes')}]")
+                        default=None,
+                        help=f"permit writes without tokens on a non-loopback host [env {env_name('--allow-anonymous-writes')}]")
 
 
 def resolve(ns: argparse.Namespace, environ: dict[str, str] | None = None) -> ServeConfig:

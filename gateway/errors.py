@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from storage import errors as se
 from storage.backends.base import BackendError
@@ -121,7 +122,7 @@ def to_response(exc: BaseException) -> web.Response | None:
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPException as exc:

@@ -201,7 +201,7 @@ class BodySender:
         """Bytes the socket's send buffer takes now, so that the transport sends a view at once
         and keeps no reference to it; 0 when the transport still queues bytes or it is unknown."""
         transport = self.request.transport
-        if transport is None or transport.get_write_buffer_size():  # type: ignore[attr-defined]
+        if transport is None or transport.get_write_buffer_size():
             return 0
         return _kernel_room(self._sock)
 
@@ -255,7 +255,7 @@ def return_memory_soon() -> None:
         global _trim_pending
         _trim_pending = False
         try:
-            _malloc_trim(0)  # type: ignore[misc]
+            _malloc_trim(0)
         except OSError as exc:  # pragma: no cover - never seen; the memory then stays reserved
             log.debug("malloc_trim failed: %s", exc)
 
@@ -265,7 +265,7 @@ def return_memory_soon() -> None:
 def _find_malloc_trim() -> Callable[[int], int] | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim  # type: ignore[no-any-return]
+        return libc.malloc_trim
     except (OSError, AttributeError):  # not glibc
         return None
 

@@ -171,7 +171,8 @@ def tus_route(handler: Handler) -> Handler:
 
 # ------------------------------------------------------------------------------ handlers
 def sessions_of(request: web.Request) -> UploadSessions:
-    return request.app["uploads"]
+    sessions: UploadSessions = request.app["uploads"]
+    return sessions
 
 
 def client_of(request: web.Request) -> str:

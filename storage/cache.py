@@ -34,6 +34,7 @@ fixed-size caches do not model.
 from __future__ import annotations
 
 import asyncio
+import functools
 import collections
 import contextlib
 import logging
@@ -340,7 +341,7 @@ class ChunkCache(Generic[T]):
         self._update()
         # A fetch nobody ends up wanting may fail; that is not worth a warning per chunk.
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        task.add_done_callback(lambda t, k=key, e=entry: self._landed(k, e, t))
+        task.add_done_callback(functools.partial(self._landed, key, entry))
         return entry
 
     def _landed(self, key: str, entry: _Fetch[T], task: asyncio.Future[T]) -> None:

@@ -119,7 +119,7 @@ def from_backend(exc: BaseException, what: str) -> Exception:
     from storage.keys import BadKey
 
     if isinstance(exc, ObjectError):
-        return exc  # type: ignore[return-value]
+        return exc
     if isinstance(exc, StoreTimeout):
         return StoreTimedOut(f"the store did not answer in time {what}: {exc}", retry_after=1.0)
     if isinstance(exc, TransientError):

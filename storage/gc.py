@@ -256,7 +256,7 @@ async def _delete(backend: Backend, doomed: list[_Chunk], report: GcReport,
             for c in version_chunks:
                 try:
                     await backend.delete(c.store_key)
-                except Exception as exc:  # one failure must not stop the sweep; next gc retries
+                except Exception as exc:  # noqa: BLE001 - one failure must not stop the sweep; next gc retries
                     report.delete_errors += 1
                     log.warning("gc: could not delete %s: %s", c.store_key, exc)
                 if progress is not None:

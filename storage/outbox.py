@@ -39,6 +39,7 @@ remove a record (a tombstone goes through gc only).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -118,7 +119,7 @@ def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 60.0, rand: C
     """Seconds before retry number ``attempt`` (1 = the first): exponential, capped, with full
     jitter (uniform in [0, min(cap, base * 2^(attempt-1))]), so that gateways retrying an
     application that comes back do not all arrive at once. ``rand`` returns [0, 1)."""
-    return min(cap, base * (2 ** min(max(0, attempt - 1), 62))) * rand()
+    return float(min(cap, base * (2 ** min(max(0, attempt - 1), 62))) * rand())
 
 
 def delivery_lock(key: str) -> str:
@@ -231,7 +232,7 @@ class Outbox:
                 await self.run_pass()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the store is down, say: try again next time
+            except Exception as exc:  # noqa: BLE001 - the store is down, say: try again next time
                 log.warning("outbox pass failed: %s", exc)
             self._wake.clear()
             try:
@@ -295,7 +296,7 @@ class Outbox:
             return running
         task = asyncio.ensure_future(self._drain(key, pointers))
         self._busy[key] = task
-        task.add_done_callback(lambda t, k=key: self._drained(k, t))
+        task.add_done_callback(functools.partial(self._drained, key))
         return task
 
     def _drained(self, key: str, task: asyncio.Task[None]) -> None:
@@ -319,7 +320,7 @@ class Outbox:
                 log.warning("delivering events of %r stopped: %s", key, exc)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the store failed: retry later like a failed delivery
+            except Exception as exc:  # noqa: BLE001 - the store failed: retry later like a failed delivery
                 log.warning("delivering events of %r failed: %s", key, exc)
                 self._retry_later(key)
 

@@ -92,9 +92,9 @@ def apply(backend: Backend, caps: StoreCapabilities) -> None:
     backslashes when they would not be kept as themselves)."""
     node = backend
     while hasattr(node, "inner"):
-        node = node.inner  # type: ignore[attr-defined]
+        node = node.inner
     if hasattr(node, "refuse_backslashes"):
-        node.refuse_backslashes = not caps.backslash_keys  # type: ignore[attr-defined]
+        node.refuse_backslashes = not caps.backslash_keys
 
 
 async def _refused(call: object) -> bool:

@@ -81,14 +81,14 @@ def direct(backend: Backend) -> Backend:
     while hasattr(node, "inner"):
         if isinstance(node, DeadlineBackend):
             return DeadlineBackend(raw, node.timeout)
-        node = node.inner  # type: ignore[attr-defined]
+        node = node.inner
     return raw
 
 
 def innermost(backend: Backend) -> Backend:
     """The raw store client under every wrapper."""
     while hasattr(backend, "inner"):
-        backend = backend.inner  # type: ignore[attr-defined]
+        backend = backend.inner
     return backend
 
 
@@ -122,7 +122,7 @@ def _below_limiter(backend: Backend) -> Backend:
     while hasattr(node, "inner"):
         if isinstance(node, LimitedBackend):
             return node.inner
-        node = node.inner  # type: ignore[attr-defined]
+        node = node.inner
     return backend
 
 

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from storage import keys
-from storage.backends.base import Blob, ObjectInfo
+from storage.backends.base import Blob
 from storage.backends.memory import MemoryBackend
 from storage.locks import LockManager
 from storage.objects import ObjectStore, StoreOptions

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field

@@ -108,7 +108,7 @@ def test_a_store_stalled_after_startup_gives_clean_errors_while_healthz_metrics_
         fds_before = metric(port, "process_open_fds")
 
         # A cache hit: chunks and the manifest in memory (the manifest for --manifest-ttl, 1 s).
-        for attempt in range(3):
+        for _attempt in range(3):
             assert call(port, "GET", "/objects/warm.bin")[2] == warm
             proxy.stall()
             status, _, data, seconds = call(port, "GET", "/objects/warm.bin", timeout=BOUND + 5)

@@ -19,7 +19,7 @@ from storage import keys as keys_mod
 from storage.backends.memory import MemoryBackend
 from storage.locks import LeaseLost, LockManager
 from storage.objects import ObjectStore, StoreOptions
-from storage.uploads import UploadOptions, UploadSessions
+from storage.uploads import UploadChecksumMismatch, UploadOptions, UploadSessions
 from tests.support.gateway import in_process_gateway
 
 pytestmark = pytest.mark.timeout(60)
@@ -497,7 +497,7 @@ async def test_patches_cut_through_reused_buffers_keep_the_upload_intact_and_giv
     for n, end in enumerate((CHUNK // 3, 2 * CHUNK + 17, 2 * CHUNK + 18, 5 * CHUNK - 1, len(data))):
         async with sessions.lock(status.id, owner="w") as lease:
             if n == 1:  # a checksummed PATCH whose checksum is wrong keeps nothing
-                with pytest.raises(Exception):
+                with pytest.raises(UploadChecksumMismatch):
                     await sessions.append(status.id, lease, offset=offset, body=pieces(data[offset:end], 100),
                                           checksum=("sha1", b"\0" * 20))
                 assert store.buffers.lent == 0

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import io
 from pathlib import Path
 from typing import Any, AsyncIterator
 

@@ -212,9 +212,10 @@ def put(path: Path, key: str, base: str, headers: dict[str, str], patch_size: in
                 state.forget(fp)  # expired or terminated: start over
         if uploader is None:
             uploader = tus.uploader(str(path), **kwargs)
-            uploader.set_url(uploader.create_url())
+            url = uploader.create_url()
+            uploader.set_url(url)
             uploader.offset = 0
-            state.put(fp, uploader.url, key)
+            state.put(fp, url, key)
         with contextlib.ExitStack() as stack:
             if progress is None:
                 progress = stack.enter_context(_progress(size, uploader.offset, key)).update
@@ -222,7 +223,7 @@ def put(path: Path, key: str, base: str, headers: dict[str, str], patch_size: in
                 progress(uploader.offset)  # a resumed upload: what is already in counts as done
             while uploader.offset < size:
                 before = uploader.offset
-                uploader.upload_chunk()
+                uploader.upload_chunk()  # type: ignore[no-untyped-call]  # tuspy has no annotations
                 progress(uploader.offset - before)
     except TusCommunicationError as exc:
         detail = exc.response_content.decode("utf-8", "replace") if isinstance(exc.response_content, bytes) else ""

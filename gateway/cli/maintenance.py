@@ -91,7 +91,7 @@ async def _open(cfg: ServeConfig) -> Any:
         # As serve does: what the store honours decides whether tombstones may be removed. The
         # probe is bounded by --store-timeout as every store call is.
         await open_store(store)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to open the store is one line on the CLI
         await close_store(store)
         raise ConfigError(f"--store: the store {cfg.store} is not usable: {exc}") from None
     return store
@@ -133,7 +133,7 @@ def _command(parser: argparse.ArgumentParser, argv: Sequence[str], flag: str, co
         bar = _bar(what, unit)
         try:
             return await work(store, ns, value, bar)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - one line on the CLI, whatever stopped the pass
             return _fail(f"{what} stopped: the store failed: {exc}", 1)
         finally:
             bar.close()

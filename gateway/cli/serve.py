@@ -93,7 +93,7 @@ async def serve(cfg: ServeConfig) -> int:
         return fail(f"--store: the store {where} did not answer {within} "
                     "(nothing listens, or it accepts connections and never answers); "
                     "check that it is reachable, or raise --store-timeout")
-    except Exception as exc:  # the store's startup check: missing bucket, bad credentials
+    except Exception as exc:  # noqa: BLE001 - the store's startup check: missing bucket, bad credentials
         return fail(f"--store: the store {where} is not usable: {_one_line(exc)}")
     site = web.TCPSite(runner, cfg.host, cfg.port, backlog=512)
     try:
@@ -101,7 +101,7 @@ async def serve(cfg: ServeConfig) -> int:
     except OSError as exc:
         await runner.cleanup()
         return fail(f"--port: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}")
-    sockets = [s for s in (site._server.sockets if site._server else [])]  # type: ignore[union-attr]
+    sockets = [s for s in (site._server.sockets if site._server else [])]  # type: ignore[attr-defined]  # aiohttp's Server has them; the ABC does not
     port = sockets[0].getsockname()[1] if sockets else cfg.port
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     print(f"chunkgate listening on http://{host}:{port} (store: {store_name(app['store'])})", flush=True)

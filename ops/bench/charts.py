@@ -42,7 +42,7 @@ def cpu_per_gib(cpu: dict[str, Any], path: Path) -> Path:
         rows.append((f"{name}: chunkgate", doc["chunkgate"]["median"], "tab:blue"))
         rows.extend((f"{name}: {peer}", series["median"], "0.6") for peer, series in doc.items() if peer != "chunkgate")
     fig, ax = plt.subplots(figsize=(9, 0.4 * max(len(rows), 1) + 1.5))
-    for y, (label, value, colour) in enumerate(rows):
+    for y, (_label, value, colour) in enumerate(rows):
         ax.barh(y, value, color=colour)
         ax.text(value, y, f" {value:.2f}", va="center", fontsize=8)
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
@@ -65,7 +65,7 @@ def amplification(amp: dict[str, Any], path: Path) -> Path:
             (f"16-part multi-range, over {amp['multi_range']['repeats']} repeats", amp["multi_range"]["ratio_all"]),
             ("16-part multi-range, first request", amp["multi_range"]["ratio_first"])]
     fig, ax = plt.subplots(figsize=(8, 3))
-    for y, (label, value) in enumerate(rows):
+    for y, (_label, value) in enumerate(rows):
         ax.barh(y, value, color="tab:blue")
         ax.text(value, y, f" {value:g}x", va="center", fontsize=8)
     ax.set_xscale("log")

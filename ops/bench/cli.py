@@ -164,7 +164,8 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
 def run(cfg: BenchConfig, ns: argparse.Namespace, out: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(),
                               "config": asdict(cfg), "scenarios": {}, "errors": {}}
-    log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    def log(msg):
+        return print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="chunkgate-bench-"))
     shm = Path("/dev/shm")
     datadir = Path(tempfile.mkdtemp(prefix="chunkgate-bench-data-", dir=shm if shm.is_dir() else None))

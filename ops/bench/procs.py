@@ -25,7 +25,7 @@ from typing import Any
 
 
 from ops import seaweed
-from ops.seaweed import ACCESS_KEY, REGION, SECRET_KEY, free_ports  # noqa: F401 - part of this module's interface
+from ops.seaweed import ACCESS_KEY, REGION, SECRET_KEY, free_ports  # part of this module's interface
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TUS_PEER_DIR = Path(__file__).resolve().parent / "tus-peer"

@@ -20,7 +20,7 @@ deadline); import aiohttp or ``gateway``.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from storage.backends.base import Backend, Blob, ObjectInfo, TransientError
 
@@ -45,7 +45,7 @@ class DeadlineBackend:
         self.timeout = timeout
         self.name = inner.name
 
-    def __getattr__(self, name: str):  # queue_depth, stats, and anything else a backend offers
+    def __getattr__(self, name: str) -> Any:  # queue_depth, stats, and anything else a backend offers
         return getattr(self.inner, name)
 
     async def _bounded(self, what: str, call: Awaitable[T]) -> T:

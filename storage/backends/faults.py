@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from storage.backends.base import Backend, Blob, ObjectInfo, TransientError
 
@@ -70,7 +70,7 @@ class FaultyBackend:
         self.stats = FaultStats()
         self._rng = random.Random(plan.seed)
 
-    def __getattr__(self, name: str):  # check(), and anything else a backend offers
+    def __getattr__(self, name: str) -> Any:  # check(), and anything else a backend offers
         return getattr(self.inner, name)
 
     def _draw(self, op: str) -> str | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from storage.backends.base import Backend, Blob, ObjectInfo
 
@@ -38,7 +38,7 @@ class LimitedBackend:
         self._tokens = max(1.0, max_rps)
         self._refilled = time.monotonic()
 
-    def __getattr__(self, name: str):  # check(), and anything else a backend offers
+    def __getattr__(self, name: str) -> Any:  # check(), and anything else a backend offers
         return getattr(self.inner, name)
 
     @property

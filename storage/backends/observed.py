@@ -5,7 +5,7 @@ storage layer stays free of any exporter."""
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator, Awaitable, Callable, Protocol, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, TypeVar
 
 from storage.backends.base import (
     Backend,
@@ -45,7 +45,7 @@ class ObservedBackend:
         self.observer = observer
         self.name = inner.name
 
-    def __getattr__(self, name: str):  # check(), and anything else a backend offers
+    def __getattr__(self, name: str) -> Any:  # check(), and anything else a backend offers
         return getattr(self.inner, name)
 
     async def _timed(self, op: str, call: Awaitable[T], *, read: Callable[[T], int] | None = None, written: int = 0) -> T:

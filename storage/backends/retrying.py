@@ -23,7 +23,7 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from storage.backends.base import Backend, Blob, NotFound, ObjectInfo, PreconditionFailed, TransientError
 
@@ -56,7 +56,7 @@ class RetryingBackend:
         self._sleep = sleep
         self._rng = rng or random.Random()
 
-    def __getattr__(self, name: str):  # check(), queue_depth, and anything else a backend offers
+    def __getattr__(self, name: str) -> Any:  # check(), queue_depth, and anything else a backend offers
         return getattr(self.inner, name)
 
     def delay(self, attempt: int, retry_after: float | None) -> float:

@@ -28,7 +28,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, TypeVar
 
 import boto3
 import botocore.exceptions
@@ -50,6 +50,10 @@ from storage.backends.base import (
 )
 from storage.backends.deadline import StoreTimeout
 from storage.keys import BadKey, MAX_KEY_BYTES, validate_key
+
+if TYPE_CHECKING:  # obstore's option types exist in its stubs only
+    from obstore._get import GetOptions
+    from obstore._store import ClientConfig
 
 T = TypeVar("T")
 
@@ -136,7 +140,7 @@ def map_obstore_error(exc: Exception, what: str) -> BackendError:
 async def _fast_call(what: str, call: Any) -> Any:
     try:
         return await call
-    except Exception as exc:  # noqa: BLE001 - map_obstore_error types every failure
+    except Exception as exc:  # map_obstore_error types every failure
         raise map_obstore_error(exc, what) from exc
 
 
@@ -235,14 +239,14 @@ class S3Backend:
             if endpoint_url:
                 options["endpoint"] = endpoint_url
                 options["virtual_hosted_style_request"] = False
-            client_options: dict[str, Any] = {
+            client_options: ClientConfig = {
                 "allow_http": True, "pool_max_idle_per_host": str(max_workers + 4),
                 "connect_timeout": timedelta(seconds=connect_timeout),
             }
             if total_timeout > 0:  # one request (its body included) never outlives the deadline
                 client_options["timeout"] = timedelta(seconds=total_timeout)
 
-            def fast_store(extra: dict[str, Any]) -> S3Store:
+            def fast_store(extra: ClientConfig) -> S3Store:
                 return S3Store(
                     bucket,
                     region=self._client.meta.region_name or "us-east-1",
@@ -302,7 +306,7 @@ class S3Backend:
         def run() -> T:
             try:
                 return fn(**kwargs)
-            except Exception as exc:  # noqa: BLE001 - map_error re-raises what it does not know
+            except Exception as exc:  # map_error re-raises what it does not know
                 raise map_error(exc, what) from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
@@ -345,18 +349,18 @@ class S3Backend:
         body = data if isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly) else bytes(data)
         try:
             result = await fast.put_async(store_key, body, mode=mode, use_multipart=False)
-        except Exception as exc:  # noqa: BLE001 - map_obstore_error types every failure
+        except Exception as exc:  # map_obstore_error types every failure
             raise map_obstore_error(exc, f"put {key!r}") from exc
         return str(result["e_tag"])
 
     async def _get_fast(self, fast: S3Store, key: str, store_key: str, start: int, end: int | None, view: bool) -> Blob:
-        options: dict[str, Any] = {}
+        options: GetOptions = {}
         if start or end is not None:
             options["range"] = (start, end) if end is not None else {"offset": start}
         try:
             result = await fast.get_async(store_key, options=options)
             data = await result.bytes_async()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             mapped = map_obstore_error(exc, f"get {key!r}")
             if "InvalidRange" not in str(exc):
                 raise mapped from exc

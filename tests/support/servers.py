@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from ops.seaweed import ACCESS_KEY, REGION, SECRET_KEY, free_ports, s3_client, wait_for_s3, weed_mini_command  # noqa: F401
+from ops.seaweed import ACCESS_KEY, REGION, SECRET_KEY, free_ports, s3_client, wait_for_s3, weed_mini_command
 
 _START_TIMEOUT = 60.0
 _STOP_GRACE = 10.0
