@@ -120,7 +120,7 @@ class UploadRecord:
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> "UploadRecord":
+    def from_json(cls, raw: bytes) -> UploadRecord:
         try:
             doc = json.loads(raw)
             if doc.get("format") != RECORD_FORMAT:
