@@ -134,3 +134,63 @@ def from_backend(exc: BaseException, what: str) -> Exception:
     if isinstance(exc, PermanentError):
         return StoreFailed(f"the store refused {what}: {exc}")
     return StoreFailed(f"the store gave an unexpected answer {what}: {exc}")
+
+
+# ------------------------------------------------------------------------------------ uploads
+# The tus upload sessions' errors (``storage.uploads``), mapped to HTTP by ``gateway.errors``.
+class UploadNotFound(ObjectNotFound):
+    code = "not_found"
+
+
+class UploadGone(ObjectError):
+    """The upload was terminated or has expired (HTTP 410)."""
+
+    code = "gone"
+
+
+class OffsetMismatch(ObjectError):
+    """The request's Upload-Offset is not the durable offset; nothing was changed (HTTP 409)."""
+
+    code = "offset_mismatch"
+
+    def __init__(self, message: str, *, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+class UploadChecksumMismatch(ObjectError):
+    """The PATCH body does not match its Upload-Checksum; it was discarded (tus: HTTP 460)."""
+
+    code = "checksum_mismatch"
+
+
+class UploadInterrupted(ObjectError):
+    """Another request for the upload asked this PATCH to stop before its body was all read,
+    and its Upload-Checksum covers the whole body, so none of it was kept (HTTP 409 with the
+    durable Upload-Offset): the bytes were not wrong, so this is never a 460."""
+
+    code = "upload_interrupted"
+
+    def __init__(self, message: str, *, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+class BodyInterrupted(Exception):
+    """Raised by a PATCH body iterator that stops early because another request asked for the
+    upload's lock (``Lease.release_requested``)."""
+
+
+class UploadTooLarge(BodyTooLarge):
+    code = "too_large"
+
+
+class UploadConflict(CommitConflict):
+    """The upload changed underneath this request (another holder wrote); nothing more was
+    written. HEAD tells the durable offset."""
+
+    code = "conflict"
+
+
+class BadUploadRequest(BadRequest):
+    code = "bad_request"

@@ -1,5 +1,6 @@
-"""storage.uploads, the pure parts: the session record's JSON form and the durable layout that
-decides an upload's offset from what the store holds (table-driven)."""
+"""The pure parts of the upload sessions: the record's JSON form, its state machine and expiry rule
+(storage.upload_record), and the durable layout that decides an upload's offset from what the
+store holds (storage.upload_layout); table-driven."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 from storage import keys
 from storage.backends.base import ObjectInfo
 from storage.errors import StoreFailed
-from storage.uploads import UploadRecord, UploadState, durable_layout, tail_key
+from storage.upload_layout import durable_layout, tail_key
+from storage.upload_record import NEXT, UploadRecord, UploadState, expired, overdue
 
 CS = 100
 NOW = datetime(2026, 12, 2, tzinfo=timezone.utc)
@@ -68,3 +70,72 @@ def test_a_record_round_trips_through_its_json_form() -> None:
 def test_a_damaged_record_is_a_store_failure_not_a_crash(raw: bytes) -> None:
     with pytest.raises(StoreFailed):
         UploadRecord.from_json(raw)
+
+
+P, R, C = UploadState.PENDING, UploadState.RECEIVING, UploadState.COMMITTING
+DONE, AB, EX = UploadState.COMPLETE, UploadState.ABORTED, UploadState.EXPIRED
+TRANSITIONS = [
+    # (from, to, allowed, what it is)
+    (P, R, True, "the first bytes arrive"),
+    (P, C, True, "a zero-length upload commits at once"),
+    (P, DONE, True, "superseded before any byte (its key was written meanwhile)"),
+    (P, AB, True, "terminated"),
+    (P, EX, True, "no bytes before its expiry"),
+    (R, C, True, "the last byte is in: committing is recorded before the manifest"),
+    (R, DONE, True, "superseded: a later write came first"),
+    (R, AB, True, "terminated"),
+    (R, EX, True, "no progress before its expiry"),
+    (R, P, False, "bytes received are never forgotten"),
+    (R, R, False, "receiving is entered once"),
+    (C, C, True, "an older committing record learns what it replaces"),
+    (C, DONE, True, "the commit landed (or was superseded)"),
+    (C, AB, True, "the key can never be committed"),
+    (C, EX, False, "a committing upload never expires: its manifest may name its chunks"),
+    (C, R, False, "no more bytes once committing"),
+    (DONE, R, False, "complete is final"),
+    (DONE, DONE, False, "complete is final"),
+    (AB, R, False, "aborted is final"),
+    (EX, R, False, "expired is final"),
+    (EX, AB, False, "expired is final"),
+]
+
+
+@pytest.mark.parametrize(("start", "to", "allowed", "what"), TRANSITIONS,
+                         ids=[f"{a.value}->{b.value}" for a, b, _, _ in TRANSITIONS])
+def test_state_transitions(start: UploadState, to: UploadState, allowed: bool, what: str) -> None:
+    r = record(250)
+    r.state = start
+    if not allowed:
+        with pytest.raises(ValueError):
+            r.enter(to, 5.0)
+        assert r.state is start and r.finished is None  # nothing changed
+        return
+    r.enter(to, 5.0)
+    assert r.state is to
+    assert r.finished == (5.0 if to in (DONE, AB, EX) else None)  # when it ended, for the tombstone sweep
+
+
+def test_every_state_is_in_the_transition_table_and_terminal_states_are_final() -> None:
+    assert set(NEXT) == set(UploadState)
+    assert all(not NEXT[s] for s in (DONE, AB, EX))
+
+
+EXPIRY = [
+    # (state, expires, now, overdue, expired)
+    (P, 10.0, 9.0, False, False),
+    (P, 10.0, 10.0, True, True),
+    (R, 10.0, 11.0, True, True),
+    (C, 10.0, 11.0, True, False),  # overdue: the sweeper finishes its commit; never expired
+    (DONE, 10.0, 11.0, False, False),
+    (AB, 10.0, 11.0, False, False),
+    (EX, 10.0, 11.0, False, False),
+    ("receiving", 10.0, 11.0, True, True),  # the index's plain strings (storage.quota) too
+    ("committing", 10.0, 11.0, True, False),
+    ("damaged", 10.0, 11.0, False, False),
+]
+
+
+@pytest.mark.parametrize(("state", "expires", "now", "is_overdue", "is_expired"), EXPIRY)
+def test_the_one_expiry_rule(state: str, expires: float, now: float, is_overdue: bool, is_expired: bool) -> None:
+    assert overdue(state, expires, now) is is_overdue
+    assert expired(state, expires, now) is is_expired

@@ -5,8 +5,9 @@ p = pathlib.Path("storage/uploads.py"); s = p.read_text()
 old = '''        self.store.manifests.check_key(key)
         if length is not None and length > self.options.max_size:'''
 assert s.count(old) == 1
-s = s.replace(old, '''        keys.validate_key(key)
-        if length is not None and length > self.options.max_size:''')
+p.write_text(s.replace(old, '''        keys.validate_key(key)
+        if length is not None and length > self.options.max_size:'''))
+p = pathlib.Path("storage/upload_commit.py"); s = p.read_text()
 old = '''        except BadKey as exc:
             # The store cannot hold the key (refused outright, nothing landed): the upload can
             # never complete, so it ends here instead of pinning its chunks forever.

@@ -1,0 +1,202 @@
+"""One PATCH's bytes on their way into the store (``Appender``), for ``storage.uploads``.
+
+Full chunks go to a ``ChunkWriter`` (bounded in flight) as they fill, through the shared
+``storage.chunker``; the partly filled rest is saved as the tail at the end and at checkpoints.
+A checksummed body is held in memory until the whole of it verified.
+
+Must never: import aiohttp or ``gateway``; make a byte of a checksummed body durable before it
+verified; count a chunk that follows a failed one; write after the lease was lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, AsyncIterable
+
+from storage import keys
+from storage.backends.base import ObjectInfo, PreconditionFailed
+from storage.chunker import Chunker
+from storage.errors import UploadConflict, UploadTooLarge
+from storage.locks import Lease
+from storage.manifest import ChunkRef
+from storage.objects import ChunkWriter
+from storage.upload_layout import DurableUpload, guarded, index_of, tail_key
+from storage.upload_record import UploadState
+
+if TYPE_CHECKING:
+    from storage.uploads import UploadSessions
+
+log = logging.getLogger("chunkgate.uploads")
+
+
+class Appender:
+    """One PATCH's bytes on their way into the store: full chunks go to a ``ChunkWriter`` as
+    they fill; the partly filled rest is saved as the tail at the end (and at checkpoints)."""
+
+    def __init__(self, sessions: UploadSessions, durable: DurableUpload, lease: Lease, tail: bytes) -> None:
+        self.sessions = sessions
+        self.durable = durable
+        self.lease = lease
+        record = durable.record
+        self.cs = record.chunk_size
+        self.first_index = len(durable.chunks)
+        self.writer = ChunkWriter(sessions.store, record.key, record.version, first_index=self.first_index,
+                                  first_offset=self.first_index * self.cs, fence=lease.check)
+        # Reused buffers where the upload's chunk size is the store's (storage.chunker).
+        self.chunker = Chunker(self.cs, sessions.store.buffers)
+        for _ in self.chunker.feed(tail):  # shorter than a chunk: it only refills the rest
+            pass
+        self.saved_tail = len(tail)  # bytes of the current partial chunk already durable as a tail
+        self.received = 0
+        self.handed = 0  # full chunks handed to the writer
+        self.held: list[bytes] = []  # checksummed body, kept until verified
+        self.last_checkpoint = self.sessions.monotonic()
+        self.error: BaseException | None = None
+
+    async def receive(self, body: AsyncIterable[bytes], *, offset: int, limit: int,
+                      hasher: hashlib._Hash | None) -> BaseException | None:
+        """Take ``body`` (which starts at ``offset``; the upload ends at ``limit``): into the
+        store as it comes, or held for ``hasher`` to verify. Returns how the body ended: None,
+        or the error (also a cancellation), so the caller saves what arrived first."""
+        options = self.sessions.options
+        try:
+            async for piece in body:
+                if not piece:
+                    continue
+                self.lease.renew()  # progress keeps the lock ours; raises LeaseLost if it was cleared
+                if offset + self.received + len(piece) > limit:
+                    raise UploadTooLarge(f"the body goes past the upload's end at byte {limit}")
+                self.sessions.stats.bytes_received += len(piece)
+                if hasher is not None:
+                    hasher.update(piece)
+                    if self.received + len(piece) > options.checksum_body_limit:
+                        raise UploadTooLarge(f"a PATCH with Upload-Checksum may carry at most {options.checksum_body_limit} bytes")
+                    self.hold(piece)
+                else:
+                    await self.feed(piece)
+                    await self.maybe_checkpoint()
+        except BaseException as exc:  # noqa: BLE001 - every ending saves first, then re-raises
+            return exc
+        return None
+
+    def hold(self, piece: bytes) -> None:
+        self.held.append(piece)
+        self.received += len(piece)
+
+    def discard(self) -> None:
+        self.held = []
+        self.chunker.close()
+
+    @property
+    def filled(self) -> int:
+        return self.chunker.filled
+
+    async def release_held(self) -> None:
+        held, self.held = self.held, []
+        self.received -= sum(len(p) for p in held)
+        for piece in held:
+            await self.feed(piece)
+
+    async def feed(self, piece: bytes) -> None:
+        self.received += len(piece)
+        for chunk in self.chunker.feed(piece):
+            self.saved_tail = 0
+            await self.writer.add(chunk)
+            self.handed += 1
+
+    async def maybe_checkpoint(self) -> None:
+        """On a slow stream, make the partly filled chunk durable now and then."""
+        if self.filled <= self.saved_tail or self.sessions.monotonic() - self.last_checkpoint < self.sessions.options.checkpoint_seconds:
+            return
+        self.last_checkpoint = self.sessions.monotonic()
+        if not await self._settle_chunks():
+            raise self.error  # type: ignore[misc]
+        await self._save_tail()
+
+    async def _settle_chunks(self) -> bool:
+        """Wait for the chunk writes; keep the contiguous run that succeeded. True if all did."""
+        results = await self.writer.results()
+        ok = True
+        written_after_gap: list[int] = []
+        for n, result in enumerate(results):
+            index = self.first_index + n
+            if isinstance(result, ChunkRef) and ok:
+                if index >= len(self.durable.chunks):
+                    self.durable.record.hashes[index] = result.sha256 or ""
+                    if result.blocks is not None:
+                        self.durable.record.blocks[index] = list(result.blocks)
+                    ck = keys.chunk_key(self.durable.record.key, self.durable.record.version, index)
+                    self.durable.chunks.append(ObjectInfo(ck, result.size, "", datetime.now(timezone.utc)))
+            elif isinstance(result, ChunkRef):
+                written_after_gap.append(index)
+            else:
+                if ok:
+                    log.warning("upload %s: chunk %d was not stored: %s", self.durable.record.id, index, result)
+                    self.error = result
+                ok = False
+        if written_after_gap:
+            # Beyond a gap they are not part of the offset, and would collide with the rewrite.
+            await self.sessions.remove(
+                [keys.chunk_key(self.durable.record.key, self.durable.record.version, i) for i in written_after_gap], self.lease)
+        return ok
+
+    async def _save_tail(self) -> None:
+        durable, lease = self.durable, self.lease
+        index = len(durable.chunks)
+        data = self.chunker.partial()
+        old = durable.tail
+        if not data or (old is not None and index_of(old.key) == index and old.size == len(data)):
+            return
+        key = tail_key(durable.record.id, index)
+        lease.check()
+        try:
+            if old is not None and index_of(old.key) == index:
+                etag = await guarded("saving the upload's last chunk", self.sessions.backend.put(key, data, if_match=old.etag))
+            else:
+                etag = await guarded("saving the upload's last chunk", self.sessions.backend.put(key, data, if_none_match=True))
+        except PreconditionFailed:
+            raise UploadConflict("the upload changed underneath this request; ask HEAD for the offset") from None
+        durable.tail = ObjectInfo(key, len(data), etag, datetime.now(timezone.utc))
+        self.saved_tail = len(data)
+        if old is not None and old.key != key:
+            await self.sessions.remove([old.key], lease)
+
+    async def save(self, *, lost: bool) -> None:
+        """Make everything received durable: the final short chunk as a chunk when the upload
+        is now complete, else the partly filled chunk as the tail; then the record."""
+        try:
+            await self._save(lost=lost)
+        finally:
+            self.chunker.close()  # a partly filled reused buffer goes back (its bytes are the tail)
+
+    async def _save(self, *, lost: bool) -> None:
+        durable = self.durable
+        record = durable.record
+        if lost:
+            # Our lease was cleared: whoever holds it now owns the state. Write nothing more.
+            await self.writer.results()
+            return
+        total = self.first_index * self.cs + self.handed * self.cs + self.filled
+        if record.length is not None and total == record.length and self.filled:
+            last = self.chunker.flush()
+            if last is not None:
+                await self.writer.add(last)
+                self.handed += 1
+        all_ok = await self._settle_chunks()
+        if all_ok:
+            if durable.tail is not None and index_of(durable.tail.key) < len(durable.chunks):
+                durable.debris.append(durable.tail.key)  # its bytes are in a full chunk now
+                durable.tail = None
+            await self._save_tail()
+        if self.received or durable.debris:
+            await self.sessions.remove(durable.debris, self.lease)
+            durable.debris = []
+        now = self.sessions.clock()
+        if record.state is UploadState.PENDING and self.received:
+            record.enter(UploadState.RECEIVING, now)
+        record.expires = now + self.sessions.options.expiry
+        await self.sessions.put_record(durable, self.lease)
+        if self.error is not None:
+            raise self.error

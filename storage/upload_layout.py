@@ -1,0 +1,134 @@
+"""Where an upload lives in the store, and what of it is durable.
+
+Layout (under ``keys.UPLOAD_PREFIX``)::
+
+    u/<id>/info                 the session record (``storage.upload_record``)
+    u/<id>/t/<index:08d>        the partly filled chunk ``index`` (the "tail"), bytes only
+    c/.../<key id>/<version>/<index:08d>
+                                full chunks, written create-only as the chunks of the object
+                                version the upload will commit (``keys.chunk_key``)
+
+The offset of an upload is *derived from what the store holds* (``durable_layout``): the
+contiguous full chunks from index 0, plus the tail that continues them. There is no counter
+anywhere, so whatever a crash leaves behind, the next request reports exactly the bytes that are
+durable and accepts the rest.
+
+Must never: import aiohttp or ``gateway``; count a byte in an offset that is not in the store.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Awaitable, TypeVar
+
+from storage import keys
+from storage.backends.base import ObjectInfo, PermanentError, TransientError
+from storage.errors import from_backend
+from storage.quota import UploadSummary
+from storage.upload_record import UploadRecord, UploadState
+
+_ID = re.compile(r"^[0-9a-f]{32}$")
+T = TypeVar("T")
+
+
+@dataclass
+class DurableUpload:
+    """An upload as the store holds it right now."""
+
+    record: UploadRecord
+    record_etag: str
+    chunks: list[ObjectInfo]  # contiguous full chunks from index 0 (the final one may be short)
+    tail: ObjectInfo | None  # the partly filled chunk that continues them
+    debris: list[str]  # stored keys a crash or a stale holder left that are not part of the offset
+
+    @property
+    def offset(self) -> int:
+        if self.record.state is UploadState.COMPLETE and self.record.length is not None:
+            return self.record.length
+        return sum(c.size for c in self.chunks) + (self.tail.size if self.tail else 0)
+
+    @property
+    def done_receiving(self) -> bool:
+        return self.record.length is not None and self.offset == self.record.length
+
+
+def summary(record: UploadRecord, etag: str) -> UploadSummary:
+    return UploadSummary(record.id, record.client, record.state.value, record.created, record.expires,
+                         record.finished, etag)
+
+
+def new_upload_id() -> str:
+    return os.urandom(16).hex()
+
+
+def valid_upload_id(upload_id: str) -> bool:
+    return bool(_ID.match(upload_id))
+
+
+def info_key(upload_id: str) -> str:
+    return f"{keys.UPLOAD_PREFIX}{upload_id}/info"
+
+
+def tail_prefix(upload_id: str) -> str:
+    return f"{keys.UPLOAD_PREFIX}{upload_id}/t/"
+
+
+def tail_key(upload_id: str, index: int) -> str:
+    return f"{tail_prefix(upload_id)}{index:08d}"
+
+
+def lock_key(upload_id: str) -> str:
+    return f"upload:{upload_id}"
+
+
+def durable_layout(record: UploadRecord, chunks: list[ObjectInfo], tails: list[ObjectInfo]) -> tuple[list[ObjectInfo], ObjectInfo | None, list[str]]:
+    """Pure: which stored chunks and tail make up the durable offset, and what is debris.
+
+    Chunks count from index 0 while each is a full ``chunk_size`` (or the final short one ending
+    exactly at a known length); the first gap or misfit ends the run. A tail counts only if it
+    continues that run. Everything else is left over from a crash or a stale writer."""
+    cs = record.chunk_size
+    good: list[ObjectInfo] = []
+    debris: list[str] = []
+    offset = 0
+    final = broken = False
+    for info in sorted(chunks, key=lambda i: i.key):
+        index = index_of(info.key)
+        fits = not (broken or final) and index == len(good)
+        if fits and info.size == cs and (record.length is None or offset + cs <= record.length):
+            good.append(info)
+            offset += cs
+        elif fits and record.length is not None and 0 < info.size < cs and offset + info.size == record.length:
+            good.append(info)
+            offset += info.size
+            final = True
+        else:
+            broken = True
+            debris.append(info.key)
+    tail: ObjectInfo | None = None
+    for info in sorted(tails, key=lambda i: i.key):
+        fits = not (broken or final) and tail is None and index_of(info.key) == len(good)
+        if fits and 0 < info.size < cs and (record.length is None or offset + info.size <= record.length):
+            tail = info
+        else:
+            debris.append(info.key)
+    return good, tail, debris
+
+
+def index_of(store_key: str) -> int:
+    try:
+        return int(store_key.rsplit("/", 1)[1])
+    except ValueError:
+        return -1
+
+
+async def guarded(what: str, call: Awaitable[T]) -> T:
+    """``call``'s backend failures as storage errors (``storage.errors.from_backend``, the one
+    place they are translated); ``NotFound`` and ``PreconditionFailed`` pass through: they are
+    answers the caller handles."""
+    try:
+        return await call
+    except (TransientError, PermanentError) as exc:
+        raise from_backend(exc, what) from exc
