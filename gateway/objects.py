@@ -73,7 +73,8 @@ def path_token(request: web.Request) -> str | None:
 
 
 def store_of(request: web.Request) -> ObjectStore:
-    return request.app["store"]
+    store: ObjectStore = request.app["store"]
+    return store
 
 
 def owner_of(request: web.Request) -> str:

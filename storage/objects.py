@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import AsyncIterable, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 
 from cachetools import TTLCache
 
@@ -40,7 +41,7 @@ from storage.errors import (
     StoreUnavailable,
 )
 from storage.listing import UNKNOWN, ListingCache, Listed
-from storage.locks import Lease, Locker
+from storage.locks import Lease, LockService
 from storage.manifest import ChunkRef, Manifest
 from storage.manifests import CommitResult, Contention, Current, Event, ManifestStore, Outcome, version_of
 from storage.reads import P, ChunkPiece, ChunkReader, ObjectRead, StoredChunk, chunk_errors, cost
@@ -51,6 +52,14 @@ __all__ = ["ChunkPiece", "ChunkWriter", "CommitAttempt", "IntegrityStats", "Obje
            "StoredChunk", "sha256_hex"]
 
 log = logging.getLogger("chunkgate.objects")
+
+Repairs = list[tuple[int, int, int]]  # (chunk index, recorded size, stored size) per chunk re-recorded
+
+
+def _observe(task: asyncio.Future[Any]) -> None:
+    """A done callback that retrieves a background task's exception (so asyncio does not log it)."""
+    if not task.cancelled():
+        task.exception()
 
 
 @dataclass
@@ -88,7 +97,7 @@ class StoreOptions:
 
 
 class ObjectStore:
-    def __init__(self, backend: Backend, locks: Locker, options: StoreOptions | None = None, *,
+    def __init__(self, backend: Backend, locks: LockService, options: StoreOptions | None = None, *,
                  clock: Callable[[], float] = time.time) -> None:
         self.backend = backend
         self.locks = locks
@@ -98,11 +107,11 @@ class ObjectStore:
         self.manifests = ManifestStore(backend, clock=clock)
         self.cache: ChunkCache[StoredChunk] = ChunkCache(self.options.cache_bytes, lambda c: cost(len(c.data)))
         self.reads = ChunkReader(backend, self.cache, self.options, self.stats, self._repair_soon)
-        self._manifests: TTLCache = TTLCache(maxsize=4096, ttl=self.options.manifest_ttl, timer=clock)
+        self._manifests: TTLCache[str, Current] = TTLCache(maxsize=4096, ttl=self.options.manifest_ttl, timer=clock)
         self._manifest_reads: dict[str, tuple[int, asyncio.Future[Current]]] = {}
         self._manifest_writes = 0  # bumped by every commit/delete/repair of this process
         self._pending_gc: set[asyncio.Task[None]] = set()
-        self._repairs: dict[str, asyncio.Task[None]] = {}
+        self._repairs: dict[str, asyncio.Task[Repairs]] = {}
         self.buffers = ChunkBuffers(self.options.chunk_size, keep=self.options.write_concurrency + 1)
         self.listing = ListingCache()
         # Called with the key after each commit of this process lands (hooks deliver promptly).
@@ -128,12 +137,15 @@ class ObjectStore:
         pending = self._manifest_reads.get(key)
         if pending is None or pending[0] != self._manifest_writes:
             task = asyncio.ensure_future(self._read_and_cache(key))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            task.add_done_callback(_observe)
             pending = (self._manifest_writes, task)
             self._manifest_reads[key] = pending
-            task.add_done_callback(lambda t, k=key: self._manifest_reads.pop(k, None)
-                                   if self._manifest_reads.get(k, (0, None))[1] is t else None)
+            task.add_done_callback(functools.partial(self._manifest_read_done, key))
         return await asyncio.shield(pending[1])
+
+    def _manifest_read_done(self, key: str, task: asyncio.Future[Current]) -> None:
+        if key in self._manifest_reads and self._manifest_reads[key][1] is task:
+            del self._manifest_reads[key]
 
     async def _read_and_cache(self, key: str) -> Current:
         writes = self._manifest_writes
@@ -316,7 +328,7 @@ class ObjectStore:
             await asyncio.sleep(self.options.grace_seconds)
             try:
                 current = await self.record(key)
-            except Exception as exc:  # unsure what is current: leave the chunks to gc
+            except Exception as exc:  # noqa: BLE001 - unsure what is current: leave the chunks to gc
                 log.warning("not deleting replaced version %s of %r: %s", version, key, exc)
                 return
             if version_of(current) == version:
@@ -333,7 +345,7 @@ class ObjectStore:
             self.cache.discard(ck)
             try:
                 await self.backend.delete(ck)
-            except Exception as exc:  # gc sweeps whatever this misses
+            except Exception as exc:  # noqa: BLE001 - gc sweeps whatever this misses
                 log.warning("could not delete chunk %s: %s", ck, exc)
 
     # ------------------------------------------------------------------ reads: bytes
@@ -365,11 +377,11 @@ class ObjectStore:
         pieces = self.read_pieces(manifest, start, end)
         try:
             async for piece in pieces:
-                yield await piece.view()  # type: ignore[misc]
+                yield await piece.view()
         finally:
-            await pieces.aclose()  # type: ignore[attr-defined]
+            await pieces.aclose()
 
-    def read_pieces(self, manifest: Manifest, start: int, end: int) -> AsyncIterator[ChunkPiece]:
+    def read_pieces(self, manifest: Manifest, start: int, end: int) -> AsyncGenerator[ChunkPiece, None]:
         """Bytes ``[start, end)`` of ``manifest``'s object as ``ChunkPiece``s, every chunk checked
         (``storage.reads.ChunkReader.pieces``)."""
         return self.reads.pieces(manifest, start, end)
@@ -379,14 +391,18 @@ class ObjectStore:
         return await self.reads.chunk(manifest, ref, owner=owner)
 
     # ------------------------------------------------------------------ repair
-    def _repair_soon(self, manifest: Manifest) -> asyncio.Task[None]:
+    def _repair_soon(self, manifest: Manifest) -> asyncio.Task[Repairs]:
         task = self._repairs.get(manifest.key)
         if task is None or task.done():
             task = asyncio.ensure_future(self.repair(manifest.key))
             self._repairs[manifest.key] = task
-            task.add_done_callback(lambda t, k=manifest.key: self._repairs.pop(k, None) if self._repairs.get(k) is t else None)
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            task.add_done_callback(functools.partial(self._repair_done, manifest.key))
+            task.add_done_callback(_observe)
         return task
+
+    def _repair_done(self, key: str, task: asyncio.Task[Repairs]) -> None:
+        if self._repairs.get(key) is task:
+            del self._repairs[key]
 
     async def wait_repair(self, key: str) -> None:
         task = self._repairs.get(key)

@@ -18,7 +18,7 @@ import enum
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Generic, Iterator, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Generic, Iterator, Protocol, Sequence, TypeVar
 
 from storage import hashing, keys, readplan
 from storage.backends.base import Backend, Blob, NotFound, PermanentError, TransientError
@@ -170,7 +170,7 @@ class ObjectRead(Generic[P]):
 
     manifest: Manifest
     plan: P
-    streams: list[AsyncIterator[ChunkPiece]] = field(default_factory=list)
+    streams: list[AsyncGenerator[ChunkPiece, None]] = field(default_factory=list)
     first: ChunkPiece | None = None
 
     def take_first(self) -> ChunkPiece | None:
@@ -196,7 +196,7 @@ class ObjectRead(Generic[P]):
         if first is not None:
             first.release()
         for stream in self.streams:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -221,7 +221,7 @@ class ChunkReader:
             raise
         return read
 
-    async def pieces(self, manifest: Manifest, start: int, end: int) -> AsyncIterator[ChunkPiece]:
+    async def pieces(self, manifest: Manifest, start: int, end: int) -> AsyncGenerator[ChunkPiece, None]:
         """Yield bytes ``[start, end)`` of ``manifest``'s object as ``ChunkPiece``s, every chunk
         checked. A piece lends its chunk from the cache (the memory stays counted against the
         cache's budget) until the consumer asks for the next piece or closes the generator.
@@ -349,7 +349,7 @@ class ChunkReader:
         finding = verify_chunk(self.options.tolerance, ref, actual, sha256)
         if finding is Finding.GOOD:
             return
-        where = dict(key=manifest.key, index=ref.index, expected=ref.size, actual=actual)
+        where: dict[str, Any] = dict(key=manifest.key, index=ref.index, expected=ref.size, actual=actual)
         if finding is Finding.WRONG_DIGEST:
             self.stats.checksum_mismatch += 1
             self.stats.size_rejected += 1

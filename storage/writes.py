@@ -13,7 +13,7 @@ import base64
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, AsyncIterable, AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterable, AsyncIterator, Callable, cast
 
 from storage import hashing, intents, keys
 from storage.backends.base import NotFound, PermanentError, PreconditionFailed, TransientError
@@ -131,7 +131,7 @@ class ChunkWriter:
         self._offset = first_offset
         self._fence = fence
 
-    async def add(self, data: bytes) -> None:
+    async def add(self, data: Chunk) -> None:
         """Hand over one chunk's bytes: an immutable ``bytes`` nobody reuses, or a read-only view
         of a buffer lent by ``store.buffers``, which this writer gives back once the chunk is
         stored (or its write ended otherwise) and never touches again."""
@@ -149,7 +149,7 @@ class ChunkWriter:
         self._offset += len(data)
         self._tasks.append(asyncio.ensure_future(self._write(index, offset, data)))
 
-    async def _write(self, index: int, offset: int, data: bytes) -> ChunkRef:
+    async def _write(self, index: int, offset: int, data: Chunk) -> ChunkRef:
         try:
             bs = self.store.options.block_size
             # One SHA-256 pass for the chunk, and a cheap digest per block in the same sweep over
@@ -161,7 +161,8 @@ class ChunkWriter:
                 if self._fence is not None:
                     self._fence()
                 # create-only: a chunk key is written once, ever; a collision is a bug, not a race to win
-                await backend.put(ck, data, if_none_match=True)
+                # (a read-only view of a lent buffer is bytes to every backend: they only read it)
+                await backend.put(ck, cast(bytes, data), if_none_match=True)
                 info = await backend.head(ck)
             except (TransientError, PermanentError) as exc:
                 raise from_backend(exc, f"writing chunk {index}") from exc
@@ -228,7 +229,7 @@ async def sha256_hex(data: bytes) -> str:
     return hashing.sha256_hex(data)
 
 
-async def digests(data: bytes, block_size: int) -> tuple[str, tuple[str, ...] | None]:
+async def digests(data: Chunk, block_size: int) -> tuple[str, tuple[str, ...] | None]:
     """The chunk's SHA-256 and its block digests in one sweep (``hashing.hash_chunk``), off the
     event loop when ``data`` is large."""
     if len(data) > _HASH_OFF_LOOP_BYTES:
