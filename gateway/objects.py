@@ -12,7 +12,8 @@ import contextlib
 import logging
 import re
 import time
-from typing import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import ClientPayloadError, EofStream, web
@@ -22,10 +23,10 @@ from gateway import caching, conditions, hooks, ranges, security, sending
 from gateway.auth import READ_EXPIRES, READ_PRIVATE, TOKEN_PATH
 from gateway.errors import HTTPError
 from gateway.mediatypes import guess_content_type, normalize_content_type
-from storage.errors import ChunkRejected, ChunkSizeDrift, IncompleteBody, ObjectError, PreconditionNotMet
+from storage.errors import IncompleteBody, ObjectError, PreconditionNotMet
 from storage.keys import BadKey, validate_key
 from storage.manifest import Manifest
-from storage.objects import ChunkPiece, ObjectStore
+from storage.objects import ObjectRead, ObjectStore
 
 log = logging.getLogger("chunkgate.http")
 
@@ -72,7 +73,8 @@ def path_token(request: web.Request) -> str | None:
 
 
 def store_of(request: web.Request) -> ObjectStore:
-    return request.app["store"]
+    store: ObjectStore = request.app["store"]
+    return store
 
 
 def owner_of(request: web.Request) -> str:
@@ -89,6 +91,18 @@ def object_headers(m: Manifest) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------- PUT
+def write_check(request: web.Request, named: str) -> Callable[[str | None], None]:
+    """The request's write preconditions as the store runs them: given the object's current ETag
+    (None: no object), raise ``PreconditionNotMet`` unless the write may go ahead. ``named``: the
+    headers the error message names."""
+
+    def check(current_etag: str | None) -> None:
+        if conditions.evaluate_write(request.headers, current_etag=current_etag) is not conditions.Outcome.PROCEED:
+            raise PreconditionNotMet(f"the object's current state does not satisfy {named}")
+
+    return check
+
+
 def upload_content_type(key: str, supplied: str | None) -> str:
     """The client's Content-Type, unless it is missing, junk, or the generic
     application/octet-stream that HTTP clients send by default for any bytes: then the type
@@ -108,11 +122,7 @@ async def put_object(request: web.Request) -> web.Response:
         raise HTTPError(400, "bad_checksum", "X-Checksum-SHA256 must be 64 hex digits")
     length = request.content_length  # None for chunked bodies: then the stream decides
     await hooks.authorize(request, key=key, size=length, content_type=content_type)  # before a body byte is read
-
-    def check(current_etag: str | None) -> None:
-        if conditions.evaluate_write(request.headers, current_etag=current_etag) is not conditions.Outcome.PROCEED:
-            raise PreconditionNotMet("the object's current state does not satisfy If-Match / If-None-Match")
-
+    conditional = "If-Match" in request.headers or "If-None-Match" in request.headers
     manifest = await store.put(
         key,
         request_body(request),
@@ -120,7 +130,7 @@ async def put_object(request: web.Request) -> web.Response:
         content_length=length,
         content_md5=request.headers.get("Content-MD5"),
         sha256_hex=sha.strip() if sha else None,
-        check=check if ("If-Match" in request.headers or "If-None-Match" in request.headers) else None,
+        check=write_check(request, "If-Match / If-None-Match") if conditional else None,
         owner=owner_of(request),
         event=hooks.post_finish(request),
     )
@@ -190,26 +200,24 @@ async def get_object(request: web.Request) -> web.StreamResponse:
     if "manifest" in request.query:
         manifest = await store.head(key)
         return web.json_response(manifest.to_dict(), headers={"ETag": manifest.etag, "Cache-Control": "no-cache"})
-    for attempt in range(2):
-        if attempt == 0:
-            # A repair of this key in flight is about to change chunk sizes: wait for it rather
-            # than send headers from the manifest it replaces (the body would be cut short).
-            # If it fails, the read below meets the same fault and reports it.
-            with contextlib.suppress(Exception):
-                await store.wait_repair(key)
-        manifest = await store.head(key, fresh=attempt > 0)
-        pinned = request.query.get("v")
-        if pinned is not None and pinned != manifest.version:
-            # The URL names a version whose bytes it may cache for a year: never answer it
-            # with another version's bytes.
-            raise HTTPError(404, "version_not_found", "?v= names a version that is not the object's current one")
-        try:
-            return await _serve(request, store, manifest)
-        except ChunkSizeDrift:
-            # Found before any header was sent: wait for the repaired manifest and answer with
-            # headers that match the bytes as stored.
-            await store.wait_repair(key)
-    raise HTTPError(503, "chunk_size_drift", "the object's manifest is being repaired; try again", headers={"Retry-After": "1"})
+    planned: list[Answer] = []  # the latest answer planned, for a client gone before the first byte
+
+    def plan(m: Manifest) -> Answer:
+        planned[:] = [plan_answer(request, m)]
+        return planned[0]
+
+    try:
+        # One storage call: the manifest, the answer planned from it, the first piece fetched and
+        # checked before any header is sent (storage deals with drift and repairs meanwhile).
+        read = await _unless_client_leaves(request, store.open(key, plan), lambda: bool(planned))
+    except ConnectionResetError:
+        log.debug("client closed the connection to %r before the first byte", key)
+        request["chunkgate.bytes_sent"] = 0
+        return web.Response(status=planned[0].status, headers=planned[0].headers)  # nobody is left to read it
+    answer = read.plan
+    if not answer.spans:
+        return web.Response(status=answer.status, headers=answer.headers)
+    return await _send_body(request, read)
 
 
 def cache_control_for(request: web.Request, m: Manifest) -> str:
@@ -219,7 +227,25 @@ def cache_control_for(request: web.Request, m: Manifest) -> str:
                                  signed_seconds_left=None if expires is None else expires - time.time())
 
 
-async def _serve(request: web.Request, store: ObjectStore, m: Manifest) -> web.StreamResponse:
+@dataclass
+class Answer:
+    """What a GET or HEAD answers from one manifest: status, headers, and the byte ranges to send
+    (``spans``; none for HEAD, 304, or any answer without a body)."""
+
+    status: int
+    headers: dict[str, str]
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    multipart: ranges.MultipartByteranges | None = None
+
+
+def plan_answer(request: web.Request, m: Manifest) -> Answer:
+    """The answer to a GET or HEAD from manifest ``m``; raises ``HTTPError`` for 404 (a pinned
+    version that is not current), 412 and 416."""
+    pinned = request.query.get("v")
+    if pinned is not None and pinned != m.version:
+        # The URL names a version whose bytes it may cache for a year: never answer it
+        # with another version's bytes.
+        raise HTTPError(404, "version_not_found", "?v= names a version that is not the object's current one")
     headers = object_headers(m)
     # Uploads are untrusted: anything but media is sandboxed (or downloaded), per --active-content.
     headers.update(security.object_headers(m.content_type, request.app["config"].active_content))
@@ -231,22 +257,30 @@ async def _serve(request: web.Request, store: ObjectStore, m: Manifest) -> web.S
     method = "GET" if request.method == "HEAD" else request.method
     decision = conditions.evaluate(method, request.headers, etag=m.etag, last_modified=m.last_modified)
     if decision.outcome is conditions.Outcome.NOT_MODIFIED:
-        return web.Response(status=304, headers=headers)
+        return Answer(304, headers)
     if decision.outcome is conditions.Outcome.PRECONDITION_FAILED:
         raise HTTPError(412, "precondition_failed", "the object does not satisfy the request's preconditions")
+    answer = _ranged_answer(request, m, headers, decision.honor_range)
+    if request.method == "HEAD":
+        answer.spans = []
+    return answer
+
+
+def _ranged_answer(request: web.Request, m: Manifest, headers: dict[str, str], honor_range: bool) -> Answer:
+    """200 with the whole object, or 206 with the ranges asked for (one, or multipart)."""
     max_ranges = request.app["config_max_ranges"]
     try:
-        wanted = ranges.parse_range(request.headers.get("Range"), m.size, max_ranges=max_ranges) if decision.honor_range else None
+        wanted = ranges.parse_range(request.headers.get("Range"), m.size, max_ranges=max_ranges) if honor_range else None
     except ranges.Unsatisfiable:
         raise HTTPError(416, "range_not_satisfiable", f"the object is {m.size} bytes long",
                         headers={"Content-Range": ranges.unsatisfied_range(m.size), **headers}) from None
-    head_only = request.method == "HEAD"
+    multipart = None
     if wanted is None:
-        status, parts, multipart = 200, [ranges.ByteRange(0, m.size)], None
+        status, parts = 200, [ranges.ByteRange(0, m.size)]
         headers["Content-Type"] = m.content_type
         length = m.size
     elif len(wanted) == 1:
-        status, parts, multipart = 206, wanted, None
+        status, parts = 206, wanted
         headers["Content-Type"] = m.content_type
         headers["Content-Range"] = ranges.content_range(wanted[0], m.size)
         length = wanted[0].end - wanted[0].start
@@ -256,48 +290,38 @@ async def _serve(request: web.Request, store: ObjectStore, m: Manifest) -> web.S
         headers["Content-Type"] = multipart.content_type_header
         length = multipart.content_length()
     headers["Content-Length"] = str(length)
-    if head_only:
-        return web.Response(status=status, headers=headers)
+    return Answer(status, headers, [(p.start, p.end) for p in parts], multipart)
 
-    # Pull the first bytes before sending headers: a missing, corrupt or drifted first chunk is
-    # then a clean error status instead of a broken body.
-    streams = [store.read_pieces(m, p.start, p.end) for p in parts]
-    try:
-        first = await _first_piece(request, streams[0]) if parts[0].end > parts[0].start else None
-    except BaseException as exc:
-        # Gone before the first byte (or the first chunk failed): give up the read-ahead now.
-        for stream in streams:
-            await stream.aclose()  # type: ignore[attr-defined]
-        if isinstance(exc, ConnectionResetError):
-            log.debug("client closed the connection to %r before the first byte", m.key)
-            request["chunkgate.bytes_sent"] = 0
-            return web.Response(status=status, headers=headers)  # nobody is left to read it
-        raise
-    response = web.StreamResponse(status=status, headers=headers)
-    response.content_length = length
+
+async def _send_body(request: web.Request, read: ObjectRead[Answer]) -> web.StreamResponse:
+    """Send the headers, then the body ``read`` holds (its first piece already fetched)."""
+    answer = read.plan
+    response = web.StreamResponse(status=answer.status, headers=answer.headers)
+    response.content_length = int(answer.headers["Content-Length"])
     sender = sending.BodySender(request, response, sending.SendPolicy.of(request.app))
     try:
         await response.prepare(request)
     except BaseException:
-        for stream in streams:
-            await stream.aclose()  # type: ignore[attr-defined]
+        await read.aclose()
         raise
+    multipart = answer.multipart
     sent = 0
     try:
-        for i, stream in enumerate(streams):
+        for i, stream in enumerate(read.streams):
             if multipart is not None:
                 sent += await sender.write(multipart.part_header(i))
-            if i == 0 and first is not None:
-                sent += await sender.send(first)
-                first = None
+            first = read.take_first() if i == 0 else None
+            if first is not None:
+                sent += await sender.send(first)  # released by its stream, as every piece is
             async for piece in stream:
                 sent += await sender.send(piece)
         if multipart is not None:
             sent += await sender.write(multipart.trailer())
-    except (ChunkRejected, ChunkSizeDrift, ObjectError) as exc:
-        # Headers are gone: the only honest thing left is to end the connection, so the client
-        # sees a short body instead of bytes that contradict Content-Length or the ETag.
-        log.error("aborting response for %r after %d bytes: %s", m.key, sent, exc)
+    except ObjectError as exc:
+        # Headers are gone (a chunk rejected, or drifted while a repair runs): the only honest
+        # thing left is to end the connection, so the client sees a short body instead of
+        # bytes that contradict Content-Length or the ETag.
+        log.error("aborting response for %r after %d bytes: %s", read.manifest.key, sent, exc)
         request["chunkgate.bytes_sent"] = sent
         _abort(request)
         return response
@@ -305,41 +329,39 @@ async def _serve(request: web.Request, store: ObjectStore, m: Manifest) -> web.S
         # The viewer went away mid-body (players cancel a request on every seek), or stopped
         # reading and was closed by --send-timeout / --min-download-rate (gateway.sending):
         # not a server error; without this it was logged with a traceback and counted 500.
-        log.debug("client closed the connection to %r after %d bytes", m.key, sent)
+        log.debug("client closed the connection to %r after %d bytes", read.manifest.key, sent)
         return response
     finally:
         request["chunkgate.bytes_sent"] = sent
-        if first is not None:
-            first.release()
-        for stream in streams:
-            await stream.aclose()  # type: ignore[attr-defined]
+        await read.aclose()
         if sender.went_slow:
             sending.return_memory_soon()
     await response.write_eof()
     return response
 
 
-async def _first_piece(request: web.Request, stream: AsyncIterator[ChunkPiece]) -> ChunkPiece | None:
-    """The first piece of the body, or ``ConnectionResetError`` if the client leaves first.
+T = TypeVar("T")
+
+
+async def _unless_client_leaves(request: web.Request, work: Awaitable[T], started: Callable[[], bool]) -> T:
+    """``work``'s result, or ``ConnectionResetError`` if the client leaves once ``started()``.
 
     aiohttp does not cancel a handler when its client disconnects (handler cancellation is off,
     and must stay off for uploads), and until the first write nothing else notices: a GET that
     disconnects at once would wait out its first chunk and read-ahead. Polling the transport
     while the first chunk comes lets the read give its fetches up (the store stops sending)."""
-    task = asyncio.ensure_future(stream.__anext__())
+    task = asyncio.ensure_future(work)
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=_GONE_POLL)
             if done:
                 return task.result()
             transport = request.transport
-            if transport is None or transport.is_closing():
+            if started() and (transport is None or transport.is_closing()):
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
                 raise ConnectionResetError("the client went away before the first byte")
-    except StopAsyncIteration:
-        return None
     except asyncio.CancelledError:
         task.cancel()
         raise
@@ -357,11 +379,7 @@ def _abort(request: web.Request) -> None:
 # ---------------------------------------------------------------------------------- DELETE
 async def delete_object(request: web.Request) -> web.Response:
     key = object_key(request)
-
-    def check(current_etag: str | None) -> None:
-        if conditions.evaluate_write(request.headers, current_etag=current_etag) is not conditions.Outcome.PROCEED:
-            raise PreconditionNotMet("the object's current state does not satisfy If-Match")
-
+    check = write_check(request, "If-Match")
     await store_of(request).delete(key, check=check, owner=owner_of(request), event=hooks.post_delete(request))
     return web.Response(status=204)
 

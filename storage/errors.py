@@ -63,6 +63,13 @@ class StoreUnavailable(ObjectError):
         self.outcome_unknown = outcome_unknown
 
 
+class ManifestRepairing(StoreUnavailable):
+    """A read met tolerated size drift again after its manifest was repaired once (HTTP 503,
+    Retry-After): the repair has not settled yet."""
+
+    code = "chunk_size_drift"
+
+
 class StoreTimedOut(StoreUnavailable):
     """The store did not answer within ``--store-timeout`` (HTTP 504, Retry-After). A write's
     outcome is unknown: it may still land, so nothing it may have made reachable is deleted."""

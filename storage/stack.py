@@ -147,7 +147,7 @@ async def probe_store(store: ObjectStore) -> StoreCapabilities:
     apply(store.backend, caps)
     store.manifests.conditional_deletes = caps.conditional_delete
     if uses_store_leases(store):  # else lease records are marked released, never deleted
-        store.locks.conditional_deletes = caps.conditional_delete
+        store.locks.conditional_deletes = caps.conditional_delete  # type: ignore[attr-defined]  # a StoreLockManager here
     return caps
 
 
