@@ -21,12 +21,6 @@ from storage.backends.base import BackendError
 from storage.keys import BadKey
 from storage.locks import LeaseLost, LockTimeout
 from storage.quota import OpenUploadsFull, TooManyOpenUploads
-from storage.uploads import (
-    OffsetMismatch,
-    UploadChecksumMismatch,
-    UploadGone,
-    UploadInterrupted,
-)
 
 log = logging.getLogger("chunkgate.http")
 
@@ -84,10 +78,10 @@ RULES: dict[type, Rule] = {
     se.StoreUnavailable: Rule(503, _retry_after),
     TooManyOpenUploads: Rule(429, _retry_after_if_known),
     OpenUploadsFull: Rule(503, _retry_after),
-    OffsetMismatch: Rule(409, _offset),
-    UploadInterrupted: Rule(409, _offset),
-    UploadGone: Rule(410),
-    UploadChecksumMismatch: Rule(460),
+    se.OffsetMismatch: Rule(409, _offset),
+    se.UploadInterrupted: Rule(409, _offset),
+    se.UploadGone: Rule(410),
+    se.UploadChecksumMismatch: Rule(460),
     se.ObjectNotFound: Rule(404),
     se.PreconditionNotMet: Rule(412),
     se.ChecksumMismatch: Rule(400),

@@ -76,7 +76,8 @@ class UploadCommitter:
             if ref.blocks is not None:
                 record.blocks[ref.index] = list(ref.blocks)
             durable.debris.append(durable.tail.key)
-            durable.chunks.append(ObjectInfo(keys.chunk_key(record.key, record.version, ref.index), ref.size, "", datetime.now(timezone.utc)))
+            ck = keys.chunk_key(record.key, record.version, ref.index)
+            durable.chunks.append(ObjectInfo(ck, ref.size, "", datetime.now(timezone.utc)))
             durable.tail = None
         refs: list[ChunkRef] = []
         offset = 0
@@ -112,7 +113,8 @@ class UploadCommitter:
         replaces, durably before the manifest is written by a conditional write over it."""
         record = durable.record
         manifest: Manifest | None = None
-        async with self.sessions.locks.hold(record.key, owner=f"tus-commit {record.id}", timeout=self.sessions.options.lock_timeout) as key_lease:
+        owner, timeout = f"tus-commit {record.id}", self.sessions.options.lock_timeout
+        async with self.sessions.locks.hold(record.key, owner=owner, timeout=timeout) as key_lease:
             contention = Contention()
             for _ in contention:
                 lease.check()

@@ -83,7 +83,8 @@ def lock_key(upload_id: str) -> str:
     return f"upload:{upload_id}"
 
 
-def durable_layout(record: UploadRecord, chunks: list[ObjectInfo], tails: list[ObjectInfo]) -> tuple[list[ObjectInfo], ObjectInfo | None, list[str]]:
+def durable_layout(record: UploadRecord, chunks: list[ObjectInfo],
+                   tails: list[ObjectInfo]) -> tuple[list[ObjectInfo], ObjectInfo | None, list[str]]:
     """Pure: which stored chunks and tail make up the durable offset, and what is debris.
 
     Chunks count from index 0 while each is a full ``chunk_size`` (or the final short one ending

@@ -85,7 +85,7 @@ class UploadSweeper:
         sessions = self.sessions
         try:
             lease = await sessions.locks.acquire(lock_key(upload_id), owner="tus-sweep", timeout=0.0)
-        except Exception:  # held: someone is using it right now
+        except Exception:  # noqa: BLE001 - held, or the store cannot say now: the next sweep tries again
             return 0
         try:
             if due_live:
@@ -107,7 +107,7 @@ class UploadSweeper:
                 lease.check()
                 await guarded("deleting an upload record", sessions.backend.delete(info_key(upload_id)))
                 sessions.index.forget(upload_id)
-        except Exception as exc:  # one bad upload must not stop the sweep
+        except Exception as exc:  # noqa: BLE001 - one bad upload must not stop the sweep
             log.warning("sweeping upload %s failed: %s", upload_id, exc)
         finally:
             await lease.release()
@@ -199,6 +199,6 @@ class UploadSweeper:
                     log.info("expired %d upload(s)", n)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the store may be down for a while; try again later
+            except Exception as exc:  # noqa: BLE001 - the store may be down for a while; try again later
                 log.warning("upload sweep failed: %s", exc)
             await asyncio.sleep(self.sessions.options.sweep_interval)

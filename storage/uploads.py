@@ -469,7 +469,7 @@ class UploadSessions:
             lease.check()
             try:
                 await self.backend.delete(k)
-            except Exception as exc:  # left for the next request or the sweep
+            except Exception as exc:  # noqa: BLE001 - left for the next request or the sweep
                 log.warning("could not delete %s: %s", k, exc)
 
     async def delete_data(self, record: UploadRecord, lease: Lease) -> None:
