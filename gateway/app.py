@@ -137,7 +137,16 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
                                         options=outbox_options(cfg), owner=f"outbox {getattr(store.locks, 'gateway', '')}".strip())
         store.on_committed = outbox.kick
     metrics.attach_hooks(app.get("hooks"), outbox)  # at 0 without hooks: the dashboard's panels still have series
+    _add_routes(app)
+    app["uploads"].announce = outbox is not None  # a tus upload's commit carries post-finish
+    app.on_response_prepare.append(decorate_response)
+    # First: the store's check and probe come before anything that uses the store (the tus sweeper).
+    app.on_startup.insert(0, _start)
+    app.on_cleanup.append(_stop)
+    return app
 
+
+def _add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
@@ -147,47 +156,45 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     app.router.add_get("/objects", objects.list_objects)
     app.router.add_get("/objects/", objects.list_objects)
     tus.setup(app)
-    app["uploads"].announce = outbox is not None  # a tus upload's commit carries post-finish
     # [\s\S] (not .) so that keys with a percent-encoded newline reach the handler and get a 400.
     app.router.add_route("*", r"/objects/{key:[\s\S]+}", objects.object_dispatch)
     app.router.add_route("*", r"/t/{token}/objects/{key:[\s\S]+}", objects.signed_object_dispatch)
     app.router.add_route("*", r"/{path:[\s\S]*}", fallback)
 
-    async def on_startup(app: web.Application) -> None:
-        await check_store(store)
-        await probe_store(app)
-        app["background"] = [asyncio.ensure_future(_clear_stale_locks(store.locks, cfg.lock_stale_after))]
-        if cfg.gc_interval > 0:
-            from storage.gc import run_periodically
 
-            def count(report: Any) -> None:
-                metrics.gc_ran(chunks=report.chunks_deleted, uploads=report.uploads_expired)
+async def _start(app: web.Application) -> None:
+    """The store answers and is probed, then the background work starts."""
+    cfg: ServeConfig = app["config"]
+    store: ObjectStore = app["store"]
+    await check_store(store)
+    await probe_store(app)
+    app["background"] = [asyncio.ensure_future(_clear_stale_locks(store.locks, cfg.lock_stale_after))]
+    if cfg.gc_interval > 0:
+        from storage.gc import run_periodically
 
-            # At least a day: --grace (default 5 min) is how long readers of a replaced version
-            # get, but an unreferenced chunk may also belong to a PUT still running on another
-            # gateway, which only its age protects (this gateway's own PUTs are protected), and
-            # serve deletes the versions it replaces itself: periodic gc only sweeps crash leftovers.
-            gc_grace = max(cfg.grace, MIN_PERIODIC_GC_GRACE)
-            app["background"].append(asyncio.ensure_future(run_periodically(store, cfg.gc_interval, gc_grace, count)))
-        if outbox is not None:
-            await outbox.start()
+        def count(report: Any) -> None:
+            app["metrics"].gc_ran(chunks=report.chunks_deleted, uploads=report.uploads_expired)
 
-    async def on_cleanup(app: web.Application) -> None:
-        for task in app.get("background", []):
-            task.cancel()
-        await asyncio.gather(*app.get("background", []), return_exceptions=True)
-        await app["uploads"].close()
-        if outbox is not None:  # an event cut off mid-delivery stays recorded: delivered after a restart
-            await outbox.close()
-        if "hooks" in app:
-            await app["hooks"].close()
-        await close_store(store)
+        # At least a day: --grace (default 5 min) is how long readers of a replaced version
+        # get, but an unreferenced chunk may also belong to a PUT still running on another
+        # gateway, which only its age protects (this gateway's own PUTs are protected), and
+        # serve deletes the versions it replaces itself: periodic gc only sweeps crash leftovers.
+        gc_grace = max(cfg.grace, MIN_PERIODIC_GC_GRACE)
+        app["background"].append(asyncio.ensure_future(run_periodically(store, cfg.gc_interval, gc_grace, count)))
+    if "outbox" in app:
+        await app["outbox"].start()
 
-    app.on_response_prepare.append(decorate_response)
-    # First: the store's check and probe come before anything that uses the store (the tus sweeper).
-    app.on_startup.insert(0, on_startup)
-    app.on_cleanup.append(on_cleanup)
-    return app
+
+async def _stop(app: web.Application) -> None:
+    for task in app.get("background", []):
+        task.cancel()
+    await asyncio.gather(*app.get("background", []), return_exceptions=True)
+    await app["uploads"].close()
+    if "outbox" in app:  # an event cut off mid-delivery stays recorded: delivered after a restart
+        await app["outbox"].close()
+    if "hooks" in app:
+        await app["hooks"].close()
+    await close_store(app["store"])
 
 
 MIN_PERIODIC_GC_GRACE = 86400.0
