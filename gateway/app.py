@@ -29,6 +29,7 @@ from storage.outbox import Outbox, OutboxOptions
 from storage.probe import StoreCapabilities
 from storage.stack import (
     StackOptions,
+    build_outbox,
     build_store,
     check_store,
     close_store,
@@ -133,9 +134,7 @@ def build_app(cfg: ServeConfig, *, backend: Backend | None = None, faults: Any =
     if cfg.hook_url:
         hooks = app["hooks"] = HookClient(cfg.hook_url, timeout=cfg.hook_timeout)
         # post-* events: recorded by each commit in the key's record, delivered from there.
-        outbox = app["outbox"] = Outbox(store.backend, store.manifests, store.locks, functools.partial(delivered, hooks),
-                                        options=outbox_options(cfg), owner=f"outbox {getattr(store.locks, 'gateway', '')}".strip())
-        store.on_committed = outbox.kick
+        outbox = app["outbox"] = build_outbox(store, functools.partial(delivered, hooks), outbox_options(cfg))
     metrics.attach_hooks(app.get("hooks"), outbox)  # at 0 without hooks: the dashboard's panels still have series
     _add_routes(app)
     app["uploads"].announce = outbox is not None  # a tus upload's commit carries post-finish

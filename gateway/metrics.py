@@ -170,7 +170,7 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 def _store_families(store: Any) -> Iterable[Any]:
     s = store.stats
-    c = store.cache.stats
+    c = store.cache_stats
     size = CounterMetricFamily("chunkgate_chunk_size_mismatch", "Chunks whose stored size or checksum disagreed with the manifest",
                                labels=["verdict"])
     size.add_metric(["tolerated"], s.size_tolerated)
@@ -188,7 +188,7 @@ def _store_families(store: Any) -> Iterable[Any]:
     yield _gauge("chunkgate_cache_bytes", "Bytes of chunks held in memory", c.bytes)
     # The limiter's waiters; 0 without a limiter (wrappers pass attribute reads down to it).
     yield _gauge("chunkgate_backend_queue_depth", "Store calls waiting for the limiter now",
-                 getattr(store.backend, "queue_depth", 0))
+                 store.queue_depth)
 
 
 def _upload_families(sessions: Any) -> Iterable[Any]:

@@ -52,9 +52,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
-import socket
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -70,59 +68,15 @@ from storage.backends.base import (
     TransientError,
 )
 from storage.errors import StoreUnavailable, from_backend
+from storage.lease_records import StoreLockStats, gateway_id, judged_record, new_record, parse_record, release_request_key
 from storage.locks import Lease, LeaseLost, Locker, LockManager, LockTimeout, _hold
 
 log = logging.getLogger("chunkgate.leases")
 
-LEASE_FORMAT = "chunkgate.lease/1"
 # Time taken off a holder's own deadline: the record's expiry is written as wall time after the
 # write, the local deadline is measured from before it, and this covers clock granularity.
 _SAFETY_SECONDS = 0.05
 _FIRST_POLL_SECONDS = 0.01
-
-
-def gateway_id() -> str:
-    """An id for this process, unique across hosts and restarts (shown in /admin/locks)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
-
-
-def release_request_key(key: str) -> str:
-    """Where a waiter on another gateway asks the holder of ``key`` to let go. A sibling of the
-    lease record (not below it: on the fs store ``l/<kid>`` is a file, not a directory)."""
-    return keys.lease_key(key) + ".release"
-
-
-class StoreLockStats:
-    """The ``LockStats`` counters (duck-typed) plus ``lease_conflicts`` (conditional lease writes
-    that lost a race) and ``takeovers`` (expired records of other holders taken over), which the
-    metrics adapter reads. Stale clears and release requests of the in-process layer are added in."""
-
-    def __init__(self, manager: StoreLockManager) -> None:
-        self._m = manager
-        self.acquisitions = 0
-        self.timeouts = 0
-        self.wait_seconds_sum = 0.0
-        self.lease_conflicts = 0
-        self.takeovers = 0
-        self.remote_release_requests = 0
-        self.records_removed = 0  # lease records (and release requests) removed by sweep_records
-
-    @property
-    def stale_cleared(self) -> int:
-        return self._m.local.stats.stale_cleared + self.takeovers
-
-    @property
-    def release_requests(self) -> int:
-        return self._m.local.stats.release_requests + self.remote_release_requests
-
-    def active(self) -> int:
-        return self._m.local.active()
-
-    def waiting(self) -> int:
-        return self._m.local.waiting()
-
-    def oldest_age(self) -> float:
-        return self._m.local.oldest_age()
 
 
 @dataclass(eq=False)
@@ -311,7 +265,7 @@ class StoreLockManager:
                 except NotFound:
                     continue
                 etag, since = blob.etag, mono
-                record = self._judged(info.key, blob.data)
+                record = judged_record(info.key, blob.data, self.stale_after)
             seen[info.key] = (etag, since, record)
             expires = float(record.get("expires", float("inf")))
             if record.get("released") or expires + self.max_clock_skew <= now or mono - since > self.stale_after:
@@ -330,19 +284,6 @@ class StoreLockManager:
             removed += 1
         self.stats.records_removed += removed
         return removed
-
-    def _judged(self, lkey: str, data: bytes) -> dict[str, Any]:
-        """What ``sweep_records`` judges a stored record by: the lease record itself; for a
-        release request, an expiry ``stale_after`` after it was asked (a live holder looks for
-        requests at every renewal, ``stale_after / 3``); an unreadable one never expires by
-        content, only by being seen unchanged."""
-        if lkey.endswith(".release"):
-            try:
-                doc = json.loads(data)
-                return {"expires": float(doc["at"]) + self.stale_after}
-            except (ValueError, KeyError, TypeError):
-                return {}
-        return self._parse(data) or {}
 
     def snapshot(self) -> dict[str, Any]:
         snap = self.local.snapshot()
@@ -383,30 +324,6 @@ class StoreLockManager:
             await self._drop(slot, release_record=True)
 
     # -- records -----------------------------------------------------------------------------
-
-    def _record(self, key: str, owner: str, token: int, acquired: float | None = None) -> dict[str, Any]:
-        now = self._clock()
-        return {
-            "format": LEASE_FORMAT,
-            "key": key,
-            "owner": owner,
-            "gateway": self.gateway,
-            "token": token,
-            "acquired": now if acquired is None else acquired,
-            "renewed": now,
-            "expires": now + self.stale_after,
-            "released": False,
-        }
-
-    @staticmethod
-    def _parse(data: bytes) -> dict[str, Any] | None:
-        try:
-            doc = json.loads(data)
-        except ValueError:
-            return None
-        if not isinstance(doc, dict) or doc.get("format") != LEASE_FORMAT or not isinstance(doc.get("token"), int):
-            return None
-        return doc
 
     async def _write(self, key: str, record: dict[str, Any], **cond: Any) -> tuple[str, float]:
         """Conditional write of a record; returns (etag, monotonic deadline for check()).
@@ -504,14 +421,14 @@ class StoreLockManager:
             # No record (never locked, or removed after its release): start from the wall clock in
             # microseconds, so tokens keep growing across removals (see the module docstring).
             token = max(1, int(self._clock() * 1_000_000))
-            record = self._record(key, owner, token)
+            record = new_record(key, owner, token, gateway=self.gateway, now=self._clock(), stale_after=self.stale_after)
             try:
                 etag, until = await self._write(key, record, if_none_match=True)
             except PreconditionFailed:
                 self.stats.lease_conflicts += 1
                 return None
             return _Slot(key, token, etag, record, until)
-        current = self._parse(blob.data)
+        current = parse_record(blob.data)
         if current is None:
             # Damaged (or a short read a store let through): it may still be someone's live
             # lease, so it is taken over only by the unchanged-for-stale_after rule, with a
@@ -526,7 +443,7 @@ class StoreLockManager:
         self, key: str, owner: str, current: dict[str, Any], etag: str, *, expired: bool
     ) -> _Slot | None:
         token = int(current.get("token", 0)) + 1
-        record = self._record(key, owner, token)
+        record = new_record(key, owner, token, gateway=self.gateway, now=self._clock(), stale_after=self.stale_after)
         try:
             new_etag, until = await self._write(key, record, if_match=etag)
         except PreconditionFailed:

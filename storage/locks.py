@@ -12,9 +12,9 @@ This module is hand-written on asyncio primitives (one future per waiter in a de
 because no library offers FIFO fairness together with fencing tokens and stale-lease clearing;
 ``asyncio.Lock`` has none of the three guarantees we need.
 
-``LockManager`` is the in-process implementation of the small ``Locker`` protocol; a
-store-backed implementation (lease objects written with conditional puts, issue 5) is meant to
-implement the same protocol and reuse ``Lease`` and the per-key waiter coalescing structure.
+``LockManager`` is the in-process implementation of the small ``Locker`` protocol (and of
+``LockAdmin``, the operators' view); ``storage.leases.StoreLockManager`` implements both over
+lease records in the store, reusing ``Lease`` and this module's per-key waiters.
 
 Must never: let two leases of one key be current at once; lose a wake-up (a waiter that
 leaves -- by timeout or cancellation, even just after being granted -- always passes the lock
@@ -178,12 +178,39 @@ class Locker(Protocol):
         ...
 
 
+class LockCounters(Protocol):
+    """The counters and gauges ``gateway.metrics`` exports (``LockStats``, and the store
+    leases' ``StoreLockStats``, which adds its own)."""
+
+    @property
+    def acquisitions(self) -> int: ...
+
+    @property
+    def timeouts(self) -> int: ...
+
+    @property
+    def stale_cleared(self) -> int: ...
+
+    @property
+    def release_requests(self) -> int: ...
+
+    @property
+    def wait_seconds_sum(self) -> float: ...
+
+    def active(self) -> int: ...
+
+    def waiting(self) -> int: ...
+
+    def oldest_age(self) -> float: ...
+
+
 @runtime_checkable
 class LockAdmin(Protocol):
     """What operators and housekeeping see of a locker: statistics, ``/admin/locks``, stale
     clearing, shutdown. Separate from ``Locker``: nothing that takes locks needs these."""
 
-    stats: LockStats
+    @property
+    def stats(self) -> LockCounters: ...
 
     async def clear_stale(self) -> int:
         """Clear every stale lease now, whether or not anyone waits; return how many."""

@@ -28,7 +28,7 @@ from cachetools import TTLCache
 from storage import keys, writes
 from storage.backends.base import Backend
 from storage.buffers import ChunkBuffers
-from storage.cache import ChunkCache
+from storage.cache import CacheStats, ChunkCache
 from storage.errors import (
     BodyTooLarge,
     ChunkRejected,
@@ -488,6 +488,15 @@ class ObjectStore:
 
         listed = [m for m in await asyncio.gather(*(one(k, e) for k, e in found)) if m is not None]
         return listed, (found[-1][0] if more and found else None)
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        return self.cache.stats
+
+    @property
+    def queue_depth(self) -> int:
+        """Store calls waiting for the limiter now (0 without a limiter)."""
+        return int(getattr(self.backend, "queue_depth", 0))
 
     async def close(self) -> None:
         for task in list(self._pending_gc) + list(self._repairs.values()):

@@ -30,6 +30,7 @@ from storage.backends.observed import BackendObserver, ObservedBackend
 from storage.backends.retrying import RetryingBackend
 from storage.locks import LockManager
 from storage.objects import ObjectStore, StoreOptions
+from storage.outbox import Outbox, OutboxOptions
 from storage.probe import StoreCapabilities, apply, probe
 
 
@@ -146,8 +147,10 @@ async def probe_store(store: ObjectStore) -> StoreCapabilities:
     caps = await probe(direct(store.backend))
     apply(store.backend, caps)
     store.manifests.conditional_deletes = caps.conditional_delete
-    if uses_store_leases(store):  # else lease records are marked released, never deleted
-        store.locks.conditional_deletes = caps.conditional_delete  # type: ignore[attr-defined]  # a StoreLockManager here
+    from storage.leases import StoreLockManager
+
+    if isinstance(store.locks, StoreLockManager):  # else lease records are marked released, never deleted
+        store.locks.conditional_deletes = caps.conditional_delete
     return caps
 
 
@@ -173,3 +176,11 @@ async def close_store(store: ObjectStore) -> None:
     await store.close()
     await store.locks.close()  # store leases: stop renewals, release records still held
     await store.backend.close()
+
+
+def build_outbox(store: ObjectStore, deliver: Callable[..., Any], options: OutboxOptions) -> Outbox:
+    """The hook outbox over this store: every commit's events are kicked to it."""
+    owner = f"outbox {getattr(store.locks, 'gateway', '')}".strip()  # store leases name their gateway
+    outbox = Outbox(store.backend, store.manifests, store.locks, deliver, options=options, owner=owner)
+    store.on_committed = outbox.kick
+    return outbox

@@ -16,20 +16,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import quote
 
 from gateway.cli import fail
+from gateway.cli.resume import ResumeState, fingerprint
 from gateway.config import parse_size
 from storage.keys import BadKey, validate_key
 from storage.manifest import ChunkRef, compute_etag
@@ -40,78 +39,6 @@ DEFAULT_PATCH_SIZE = 8 * 1024 * 1024
 
 class ClientError(Exception):
     """A failure to report as one line (exit 1)."""
-
-
-# ------------------------------------------------------------------------------ resume state
-def state_dir() -> Path:
-    configured = os.environ.get("CHUNKGATE_STATE_DIR")
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "chunkgate"
-
-
-def fingerprint(path: Path, url: str, key: str) -> str:
-    """Same file (path, size, mtime), same gateway, same key: the same upload to resume."""
-    st = path.stat()
-    raw = "\0".join([str(path.resolve()), str(st.st_size), str(st.st_mtime_ns), url.rstrip("/"), key])
-    return hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-class ResumeState:
-    """``uploads.json``: fingerprint -> {url, key, saved}. Every change is a locked
-    read-modify-write ending in an atomic replace, so concurrent ``put`` commands never lose or
-    garble each other's entries."""
-
-    def __init__(self, directory: Path | None = None) -> None:
-        self.dir = directory or state_dir()
-        self.path = self.dir / "uploads.json"
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[dict[str, Any]]:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "uploads.lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                doc = self._read()
-                before = json.dumps(doc, sort_keys=True)
-                yield doc
-                if json.dumps(doc, sort_keys=True) != before:
-                    self._write(doc)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def _read(self) -> dict[str, Any]:
-        try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
-            return doc if isinstance(doc, dict) else {}
-        except (OSError, ValueError):
-            return {}  # missing or unreadable: start afresh; it is only a cache of URLs
-
-    def _write(self, doc: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".uploads-", dir=self.dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(doc, fh, indent=1, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-
-    def get(self, fp: str) -> str | None:
-        with self._locked() as doc:
-            entry = doc.get(fp)
-            return entry.get("url") if isinstance(entry, dict) else None
-
-    def put(self, fp: str, url: str, key: str) -> None:
-        with self._locked() as doc:
-            doc[fp] = {"url": url, "key": key, "saved": int(time.time())}
-
-    def forget(self, fp: str) -> None:
-        with self._locked() as doc:
-            doc.pop(fp, None)
 
 
 # ------------------------------------------------------------------------------ helpers

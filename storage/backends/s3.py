@@ -179,6 +179,31 @@ def map_error(exc: Exception, what: str) -> BackendError:
     raise exc
 
 
+def _boto_config(endpoint_url: str | None, max_workers: int, max_attempts: int, connect_timeout: float,
+                 read_timeout: float, total_timeout: float) -> Config:
+    # Timeouts per request, so a store that accepts connections and never answers fails in
+    # seconds, not botocore's 60 s x 5 attempts (storage.backends.deadline bounds the whole
+    # operation on top). The read timeout is between two received bytes, not for a whole
+    # body: a slow but moving 8 MiB chunk is not a stalled store.
+    # botocore has no deadline of its own: attempts that cannot fit in --store-timeout would
+    # keep a worker thread waiting for an answer nobody awaits any more (a stalled store
+    # held each for 5 x the read timeout plus backoff, and the pool has max_workers).
+    boto_attempts = max_attempts
+    if total_timeout > 0:
+        boto_attempts = max(2, min(max_attempts, int(total_timeout // (connect_timeout + read_timeout)) + 1))
+    return Config(
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"mode": "standard", "max_attempts": boto_attempts},
+        max_pool_connections=max_workers + 4,
+        # Third-party servers (SeaweedFS) reject the default CRC trailers on uploads.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        # Virtual-host addressing needs DNS for BUCKET.host, which custom endpoints lack.
+        s3={"addressing_style": "path"} if endpoint_url else None,
+    )
+
+
 class S3Backend:
     """``Backend`` over one bucket, every key stored as ``prefix + key``."""
 
@@ -207,69 +232,56 @@ class S3Backend:
             or None
         )
         self.endpoint_url = endpoint_url
-        # Timeouts per request, so a store that accepts connections and never answers fails in
-        # seconds, not botocore's 60 s x 5 attempts (storage.backends.deadline bounds the whole
-        # operation on top). The read timeout is between two received bytes, not for a whole
-        # body: a slow but moving 8 MiB chunk is not a stalled store.
-        # botocore has no deadline of its own: attempts that cannot fit in --store-timeout would
-        # keep a worker thread waiting for an answer nobody awaits any more (a stalled store
-        # held each for 5 x the read timeout plus backoff, and the pool has max_workers).
-        boto_attempts = max_attempts
-        if total_timeout > 0:
-            boto_attempts = max(2, min(max_attempts, int(total_timeout // (connect_timeout + read_timeout)) + 1))
-        config = Config(
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            retries={"mode": "standard", "max_attempts": boto_attempts},
-            max_pool_connections=max_workers + 4,
-            # Third-party servers (SeaweedFS) reject the default CRC trailers on uploads.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            # Virtual-host addressing needs DNS for BUCKET.host, which custom endpoints lack.
-            s3={"addressing_style": "path"} if endpoint_url else None,
-        )
         session = boto3.session.Session()
+        config = _boto_config(endpoint_url, max_workers, max_attempts, connect_timeout, read_timeout, total_timeout)
         self._client: Any = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="s3-store")
         self._credentials = session.get_credentials()  # botocore's chain: env, profile, IMDS...
         self._fast: S3Store | None = None
         self._fast_reads: S3Store | None = None
         if self._credentials is not None:
-            options: dict[str, Any] = {}
-            if endpoint_url:
-                options["endpoint"] = endpoint_url
-                options["virtual_hosted_style_request"] = False
-            client_options: ClientConfig = {
-                "allow_http": True, "pool_max_idle_per_host": str(max_workers + 4),
-                "connect_timeout": timedelta(seconds=connect_timeout),
-            }
-            if total_timeout > 0:  # one request (its body included) never outlives the deadline
-                client_options["timeout"] = timedelta(seconds=total_timeout)
-
-            def fast_store(extra: ClientConfig) -> S3Store:
-                return S3Store(
-                    bucket,
-                    region=self._client.meta.region_name or "us-east-1",
-                    client_options={**client_options, **extra},
-                    conditional_put="etag",
-                    unsigned_payload=True,
-                    credential_provider=self._credentials_now,  # type: ignore[arg-type]
-                    # Retries stop starting once the deadline would be over (default: 3 minutes).
-                    retry_config={"max_retries": max_attempts - 1,
-                                  "retry_timeout": timedelta(seconds=total_timeout if total_timeout > 0 else 60)},
-                    **options,
-                )
-
-            self._fast = fast_store({})
-            # reqwest's read timeout also runs while a request body is being sent (no answer can
-            # come before it is all sent): on writes it would cut off an 8 MiB chunk that takes
-            # longer than --store-read-timeout to upload. So only reads (whose bodies come back)
-            # get it, from a client of their own; writes are bounded by the request timeout.
-            self._fast_reads = fast_store({"read_timeout": timedelta(seconds=read_timeout)})
+            self._fast, self._fast_reads = self._obstore_clients(bucket, endpoint_url, max_workers, max_attempts,
+                                                                 connect_timeout, read_timeout, total_timeout)
         self._page_size = list_page_size
         self._closed = False
         # Set by storage.probe: SeaweedFS stores 'a\\b' as 'a/b', which would give two keys one value.
         self.refuse_backslashes = False
+
+
+    def _obstore_clients(self, bucket: str, endpoint_url: str | None, max_workers: int, max_attempts: int,
+                         connect_timeout: float, read_timeout: float, total_timeout: float) -> tuple[S3Store, S3Store]:
+        """obstore clients for writes and for reads (see below why two), sharing botocore's credentials."""
+        options: dict[str, Any] = {}
+        if endpoint_url:
+            options["endpoint"] = endpoint_url
+            options["virtual_hosted_style_request"] = False
+        client_options: ClientConfig = {
+            "allow_http": True, "pool_max_idle_per_host": str(max_workers + 4),
+            "connect_timeout": timedelta(seconds=connect_timeout),
+        }
+        if total_timeout > 0:  # one request (its body included) never outlives the deadline
+            client_options["timeout"] = timedelta(seconds=total_timeout)
+
+        def fast_store(extra: ClientConfig) -> S3Store:
+            return S3Store(
+                bucket,
+                region=self._client.meta.region_name or "us-east-1",
+                client_options={**client_options, **extra},
+                conditional_put="etag",
+                unsigned_payload=True,
+                credential_provider=self._credentials_now,  # type: ignore[arg-type]
+                # Retries stop starting once the deadline would be over (default: 3 minutes).
+                retry_config={"max_retries": max_attempts - 1,
+                              "retry_timeout": timedelta(seconds=total_timeout if total_timeout > 0 else 60)},
+                **options,
+            )
+
+        writes = fast_store({})
+        # reqwest's read timeout also runs while a request body is being sent (no answer can
+        # come before it is all sent): on writes it would cut off an 8 MiB chunk that takes
+        # longer than --store-read-timeout to upload. So only reads (whose bodies come back)
+        # get it, from a client of their own; writes are bounded by the request timeout.
+        return writes, fast_store({"read_timeout": timedelta(seconds=read_timeout)})
 
     def _credentials_now(self) -> dict[str, Any]:
         """obstore asks for credentials when it needs them; botocore's refresh them (roles)."""

@@ -13,7 +13,6 @@ run even while the gateway does not import.
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -29,50 +28,6 @@ ALERTS_PATH = REPO_ROOT / "ops" / "prometheus" / "alerts.yml"
 
 # The only datasource reference a panel, target or variable may carry.
 DATASOURCE_REF: dict[str, str] = {"type": "prometheus", "uid": "${datasource}"}
-
-# The agreed list (the exporter brief, issue 6). Used only when gateway.metrics has no METRIC_NAMES.
-# TODO: drop this fallback once gateway.metrics.METRIC_NAMES has landed on main.
-AGREED_METRIC_NAMES: frozenset[str] = frozenset({
-    "chunkgate_http_requests_total",
-    "chunkgate_http_request_duration_seconds",
-    "chunkgate_http_response_bytes_total",
-    "chunkgate_http_request_bytes_total",
-    "chunkgate_http_requests_in_flight",
-    "chunkgate_backend_requests_total",
-    "chunkgate_backend_request_duration_seconds",
-    "chunkgate_backend_bytes_read_total",
-    "chunkgate_backend_bytes_written_total",
-    "chunkgate_backend_queue_depth",
-    "chunkgate_cache_hits_total",
-    "chunkgate_cache_misses_total",
-    "chunkgate_cache_coalesced_total",
-    "chunkgate_cache_evictions_total",
-    "chunkgate_cache_bytes",
-    "chunkgate_cache_readahead_total",
-    "chunkgate_locks_active",
-    "chunkgate_locks_waiting",
-    "chunkgate_lock_oldest_age_seconds",
-    "chunkgate_lock_acquisitions_total",
-    "chunkgate_lock_wait_seconds",
-    "chunkgate_lock_timeouts_total",
-    "chunkgate_lock_stale_cleared_total",
-    "chunkgate_lock_release_requests_total",
-    "chunkgate_lock_lease_conflicts_total",
-    "chunkgate_lock_takeovers_total",
-    "chunkgate_chunk_size_mismatch_total",
-    "chunkgate_chunk_checksum_mismatch_total",
-    "chunkgate_manifest_repairs_total",
-    "chunkgate_objects_committed_total",
-    "chunkgate_commit_conflicts_total",
-    "chunkgate_uploads_created_total",
-    "chunkgate_uploads_completed_total",
-    "chunkgate_uploads_aborted_total",
-    "chunkgate_uploads_expired_total",
-    "chunkgate_uploads_in_progress",
-    "chunkgate_upload_bytes_total",
-    "chunkgate_gc_runs_total",
-    "chunkgate_gc_deleted_total",
-})
 
 # Series that exist without the gateway naming them: Prometheus' own per-target `up`, and the
 # prometheus_client process collector (Linux) the gateway exports alongside its own metrics.
@@ -220,15 +175,10 @@ def _match_op(op: Any) -> str:
 
 
 def agreed_metric_names() -> frozenset[str]:
-    """The exporter's metric names: gateway.metrics.METRIC_NAMES when it exists, else the agreed list."""
-    try:
-        module = importlib.import_module("gateway.metrics")
-    except ModuleNotFoundError as error:
-        if error.name not in {"gateway", "gateway.metrics"}:
-            raise
-        return AGREED_METRIC_NAMES
-    names = getattr(module, "METRIC_NAMES", None)
-    return AGREED_METRIC_NAMES if names is None else frozenset(names)
+    """The exporter's metric names (gateway.metrics.METRIC_NAMES)."""
+    from gateway.metrics import METRIC_NAMES
+
+    return frozenset(METRIC_NAMES)
 
 
 def is_known_series(name: str, metric_names: frozenset[str]) -> bool:
