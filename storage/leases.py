@@ -252,7 +252,7 @@ class StoreLockManager:
             if not slot.lost and slot.renewer is not None and not slot.renewer.done():
                 mine |= {keys.lease_key(slot.key), release_request_key(slot.key)}
         seen: dict[str, tuple[str, float, dict[str, Any]]] = {}
-        doomed: list[tuple[str, str]] = []
+        doomed: list[tuple[str, str, bool]] = []  # key, etag, whether a live-looking holder's lease expired
         async for info in self.backend.list(keys.LEASE_PREFIX):
             if info.key in mine:
                 continue
@@ -269,10 +269,10 @@ class StoreLockManager:
             seen[info.key] = (etag, since, record)
             expires = float(record.get("expires", float("inf")))
             if record.get("released") or expires + self.max_clock_skew <= now or mono - since > self.stale_after:
-                doomed.append((info.key, etag))
+                doomed.append((info.key, etag, not record.get("released") and not info.key.endswith(".release")))
         self._swept = seen
         removed = 0
-        for lkey, etag in doomed:
+        for lkey, etag, expired in doomed:
             try:
                 await self.backend.delete(lkey, if_match=etag)
             except PreconditionFailed:
@@ -282,6 +282,9 @@ class StoreLockManager:
                 continue
             seen.pop(lkey, None)
             removed += 1
+            # A holder that stopped renewing (crashed) lost its lease to this sweep: counted as a
+            # take-over, as when a waiter takes the record over itself.
+            self.stats.takeovers += expired
         self.stats.records_removed += removed
         return removed
 

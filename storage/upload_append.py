@@ -54,6 +54,7 @@ class Appender:
         self.held: list[bytes] = []  # checksummed body, kept until verified
         self.last_checkpoint = self.sessions.monotonic()
         self.error: BaseException | None = None
+        self.expected = False  # what the key holds is recorded (UploadSessions.expect) at the first byte
 
     async def receive(self, body: AsyncIterable[bytes], *, offset: int, limit: int,
                       hasher: hashlib._Hash | None) -> BaseException | None:
@@ -66,6 +67,9 @@ class Appender:
                 if not piece:
                     continue
                 self.lease.renew()  # progress keeps the lock ours; raises LeaseLost if it was cleared
+                if not self.expected:
+                    await self.sessions.expect(self.durable, self.lease)
+                    self.expected = True
                 if offset + self.received + len(piece) > limit:
                     raise UploadTooLarge(f"the body goes past the upload's end at byte {limit}")
                 self.sessions.stats.bytes_received += len(piece)

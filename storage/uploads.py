@@ -318,11 +318,10 @@ class UploadSessions:
         return limit
 
     async def _open_append(self, durable: DurableUpload, lease: Lease) -> Appender:
-        """Ready to take bytes: debris gone, what the key holds recorded (``_expect``), and the
-        saved tail read back to be refilled."""
+        """Ready to take bytes: debris gone, the saved tail read back to be refilled (what the
+        key holds is recorded when the first byte arrives: ``expect``)."""
         await self.remove(durable.debris, lease)
         durable.debris = []
-        await self._expect(durable, lease)
         tail_bytes = b""
         if durable.tail is not None:
             blob = await guarded("reading the upload's last chunk", self.backend.get(durable.tail.key))
@@ -358,11 +357,15 @@ class UploadSessions:
                 error = exc
         return error
 
-    async def _expect(self, durable: DurableUpload, lease: Lease) -> None:
-        """Before a PATCH writes bytes, record what the key holds now. If this request dies
-        after the last byte lands but before the commit, a later request finishing the upload
-        commits only over exactly that: a write to the key that came in between (an
-        acknowledged PUT, say) is never overwritten by this older upload."""
+    async def expect(self, durable: DurableUpload, lease: Lease) -> None:
+        """When a PATCH's first byte arrives, before it writes anything, record what the key
+        holds now. If this request dies after the last byte lands but before the commit, a
+        later request finishing the upload commits only over exactly that: a write to the key
+        that came in between (an acknowledged PUT, say) is never overwritten by this older
+        upload. Only a PATCH that brings bytes may move it: one that is stopped (or ends)
+        before its first byte changes nothing, so it must not move the expectation past a PUT
+        while an earlier request's bytes, sent before that PUT, may still land (a store write
+        delayed past its lease) and complete the upload."""
         record = durable.record
         expected = identity(await self.store.record(record.key))
         if not record.replaces_known or record.replaces != expected:

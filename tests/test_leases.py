@@ -161,6 +161,7 @@ async def test_records_left_by_a_crashed_holder_are_swept_once_stale_and_live_on
     held.check()  # the live holder's record was never touched
     assert (await record_of(shared, "busy-key"))["gateway"] == "live"
     assert sweeper.stats.records_removed == 2
+    assert sweeper.stats.takeovers == 1  # the crashed holder's lease (its release request is no lease)
     await held.release()
     assert [k async for k in shared.list(keys.LEASE_PREFIX)] == []
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -512,4 +513,40 @@ async def test_patches_cut_through_reused_buffers_keep_the_upload_intact_and_giv
     assert offset == len(data)
     m = await store.head("reused.bin")
     assert b"".join([bytes(p) async for p in store.read(m, 0, m.size)]) == data
+    await store.close()
+
+
+async def test_a_patch_stopped_before_its_first_byte_leaves_what_the_upload_replaces_alone() -> None:
+    """Found by the simulator (seed 11472): a PATCH carried an upload's last bytes before a PUT
+    of the same key; its tail write was delayed past its lease; a second PATCH, asked to stop
+    before it read a byte, recorded the PUT as what the upload replaces; the delayed bytes then
+    landed and a HEAD committed the old upload over the acknowledged PUT. Only a PATCH that
+    brings bytes may move that record."""
+    from storage.uploads import BodyInterrupted
+
+    backend = MemoryBackend()
+    store = ObjectStore(backend, LockManager(), StoreOptions(chunk_size=CHUNK))
+    sessions = UploadSessions(store, UploadOptions(chunk_size=CHUNK))
+    status = await sessions.create("late.bin", length=3 * CHUNK, metadata="", content_type="application/octet-stream")
+
+    async def body(data: bytes, *, stop_first: bool = False) -> AsyncIterator[bytes]:
+        if stop_first:
+            raise BodyInterrupted("another request asked for the upload")
+        yield data
+
+    async def replaces() -> tuple[str | None, bool]:
+        doc = json.loads((await backend.get(f"u/{status.id}/info")).data)  # what a later request reads
+        return doc["replaces"], doc["replaces_known"]
+
+    async with sessions.lock(status.id, owner="first") as lease:
+        first = await sessions.append(status.id, lease, offset=0, body=body(payload(CHUNK)))
+    assert await replaces() == (None, True)  # the key held nothing when the first bytes came
+    await store.put("late.bin", body(b"a newer PUT"), content_type="text/plain")
+    async with sessions.lock(status.id, owner="second") as lease:
+        stopped = await sessions.append(status.id, lease, offset=first.offset, body=body(b"", stop_first=True))
+    assert stopped.offset == first.offset
+    assert await replaces() == (None, True)  # unchanged: this PATCH brought nothing
+    async with sessions.lock(status.id, owner="third") as lease:
+        await sessions.append(status.id, lease, offset=first.offset, body=body(payload(CHUNK)[:10]))
+    assert (await replaces())[0] is not None  # a PATCH that brings bytes after the PUT records it
     await store.close()
