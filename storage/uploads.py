@@ -328,7 +328,7 @@ class UploadSessions:
             if len(blob.data) != durable.tail.size:
                 raise StoreUnavailable(f"short read of {durable.tail.key}")
             tail_bytes = blob.data
-        return Appender(self, durable, lease, tail_bytes)
+        return Appender(self, durable, lease, tail_bytes, expected=await self.holds_now(durable))
 
     async def _judge_body(self, session: Appender, error: BaseException | None, hasher: hashlib._Hash | None,
                           checksum: tuple[str, bytes] | None) -> BaseException | None:
@@ -357,17 +357,21 @@ class UploadSessions:
                 error = exc
         return error
 
-    async def expect(self, durable: DurableUpload, lease: Lease) -> None:
+    async def holds_now(self, durable: DurableUpload) -> str | None:
+        """What the upload's key holds now (``storage.manifests.identity``), read when a PATCH
+        starts, before any of its body is read."""
+        return identity(await self.store.record(durable.record.key))
+
+    async def expect(self, durable: DurableUpload, lease: Lease, expected: str | None) -> None:
         """When a PATCH's first byte arrives, before it writes anything, record what the key
-        holds now. If this request dies after the last byte lands but before the commit, a
-        later request finishing the upload commits only over exactly that: a write to the key
-        that came in between (an acknowledged PUT, say) is never overwritten by this older
-        upload. Only a PATCH that brings bytes may move it: one that is stopped (or ends)
-        before its first byte changes nothing, so it must not move the expectation past a PUT
+        held when the PATCH started (``holds_now``). If this request dies after the last byte
+        lands but before the commit, a later request finishing the upload commits only over
+        exactly that: a write to the key that came in between (an acknowledged PUT, say) is
+        never overwritten by this older upload. Only a PATCH that brings bytes records it: one
+        stopped (or ending) before its first byte must not move the expectation past a PUT
         while an earlier request's bytes, sent before that PUT, may still land (a store write
         delayed past its lease) and complete the upload."""
         record = durable.record
-        expected = identity(await self.store.record(record.key))
         if not record.replaces_known or record.replaces != expected:
             record.replaces, record.replaces_known = expected, True
             await self.put_record(durable, lease)
