@@ -35,7 +35,8 @@ class Appender:
     """One PATCH's bytes on their way into the store: full chunks go to a ``ChunkWriter`` as
     they fill; the partly filled rest is saved as the tail at the end (and at checkpoints)."""
 
-    def __init__(self, sessions: UploadSessions, durable: DurableUpload, lease: Lease, tail: bytes) -> None:
+    def __init__(self, sessions: UploadSessions, durable: DurableUpload, lease: Lease, tail: bytes, *,
+                 expected: str | None) -> None:
         self.sessions = sessions
         self.durable = durable
         self.lease = lease
@@ -54,6 +55,8 @@ class Appender:
         self.held: list[bytes] = []  # checksummed body, kept until verified
         self.last_checkpoint = self.sessions.monotonic()
         self.error: BaseException | None = None
+        self.expected = expected  # what the key held when this PATCH started: recorded at its first byte
+        self.recorded = False
 
     async def receive(self, body: AsyncIterable[bytes], *, offset: int, limit: int,
                       hasher: hashlib._Hash | None) -> BaseException | None:
@@ -66,6 +69,9 @@ class Appender:
                 if not piece:
                     continue
                 self.lease.renew()  # progress keeps the lock ours; raises LeaseLost if it was cleared
+                if not self.recorded:
+                    await self.sessions.expect(self.durable, self.lease, self.expected)
+                    self.recorded = True
                 if offset + self.received + len(piece) > limit:
                     raise UploadTooLarge(f"the body goes past the upload's end at byte {limit}")
                 self.sessions.stats.bytes_received += len(piece)

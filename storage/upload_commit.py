@@ -107,7 +107,7 @@ class UploadCommitter:
         """The commit protocol of an upload (README, "Commits"): under the object key's lock,
         read the key's record. Already ours: complete. Then the record to commit over: by the
         request that carried the last bytes (``inline``), whatever is current; by any later
-        one, only what the last writing request saw (``_expect``) or what ``committing``
+        one, only what the last writing request saw (``UploadSessions.expect``) or what ``committing``
         recorded. Anything else means a later write came first, and the upload completes as
         superseded, never committed over it. ``committing`` is recorded, with what it
         replaces, durably before the manifest is written by a conditional write over it."""

@@ -318,18 +318,17 @@ class UploadSessions:
         return limit
 
     async def _open_append(self, durable: DurableUpload, lease: Lease) -> Appender:
-        """Ready to take bytes: debris gone, what the key holds recorded (``_expect``), and the
-        saved tail read back to be refilled."""
+        """Ready to take bytes: debris gone, the saved tail read back to be refilled (what the
+        key holds is recorded when the first byte arrives: ``expect``)."""
         await self.remove(durable.debris, lease)
         durable.debris = []
-        await self._expect(durable, lease)
         tail_bytes = b""
         if durable.tail is not None:
             blob = await guarded("reading the upload's last chunk", self.backend.get(durable.tail.key))
             if len(blob.data) != durable.tail.size:
                 raise StoreUnavailable(f"short read of {durable.tail.key}")
             tail_bytes = blob.data
-        return Appender(self, durable, lease, tail_bytes)
+        return Appender(self, durable, lease, tail_bytes, expected=await self.holds_now(durable))
 
     async def _judge_body(self, session: Appender, error: BaseException | None, hasher: hashlib._Hash | None,
                           checksum: tuple[str, bytes] | None) -> BaseException | None:
@@ -358,13 +357,21 @@ class UploadSessions:
                 error = exc
         return error
 
-    async def _expect(self, durable: DurableUpload, lease: Lease) -> None:
-        """Before a PATCH writes bytes, record what the key holds now. If this request dies
-        after the last byte lands but before the commit, a later request finishing the upload
-        commits only over exactly that: a write to the key that came in between (an
-        acknowledged PUT, say) is never overwritten by this older upload."""
+    async def holds_now(self, durable: DurableUpload) -> str | None:
+        """What the upload's key holds now (``storage.manifests.identity``), read when a PATCH
+        starts, before any of its body is read."""
+        return identity(await self.store.record(durable.record.key))
+
+    async def expect(self, durable: DurableUpload, lease: Lease, expected: str | None) -> None:
+        """When a PATCH's first byte arrives, before it writes anything, record what the key
+        held when the PATCH started (``holds_now``). If this request dies after the last byte
+        lands but before the commit, a later request finishing the upload commits only over
+        exactly that: a write to the key that came in between (an acknowledged PUT, say) is
+        never overwritten by this older upload. Only a PATCH that brings bytes records it: one
+        stopped (or ending) before its first byte must not move the expectation past a PUT
+        while an earlier request's bytes, sent before that PUT, may still land (a store write
+        delayed past its lease) and complete the upload."""
         record = durable.record
-        expected = identity(await self.store.record(record.key))
         if not record.replaces_known or record.replaces != expected:
             record.replaces, record.replaces_known = expected, True
             await self.put_record(durable, lease)

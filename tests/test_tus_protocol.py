@@ -516,8 +516,6 @@ async def test_patches_cut_through_reused_buffers_keep_the_upload_intact_and_giv
     await store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="known open interleaving (simulator seed 11472): a PATCH records what the "
-                   "key holds before its first byte; recording it only at the first byte broke other seeds; see issue 11")
 async def test_a_patch_stopped_before_its_first_byte_leaves_what_the_upload_replaces_alone() -> None:
     """Found by the simulator (seed 11472): a PATCH carried an upload's last bytes before a PUT
     of the same key; its tail write was delayed past its lease; a second PATCH, asked to stop

@@ -182,10 +182,13 @@ class Checker:
             return
         upload_id = t.after.manifest.extra["upload"]
         writes = [r for r in self.ops.values() if r.kind == "tus_patch" and r.upload is not None
-                  and r.upload.id == upload_id and r.sent > 0 and r.invoked <= t.time]
-        if not writes or (op is not None and op in writes and op is max(writes, key=lambda r: r.invoked)):
+                  and r.upload.id == upload_id and r.sent > 0 and r.first_byte_at <= t.time]
+        # The last bytes are those of the request whose body was read last (a request holds the
+        # upload's lease while its body is read, so this is the order the lease passed in; the
+        # order requests were *sent* in is not: a request may wait for the lease behind a later one).
+        last = max(writes, key=lambda r: r.first_byte_at) if writes else None
+        if last is None or op is last:
             return
-        last = max(writes, key=lambda r: r.invoked)
         # That request may itself have decided to commit over what it found then (recording
         # ``committing``): a later request only carries that decision out.
         decided = [w[0] for w in self.world.store.record_writes
