@@ -424,6 +424,12 @@ class ChunkCache(Generic[T]):
                 self._held_bytes -= held.size
         self._update()
 
+    def discard_prefix(self, prefix: str) -> None:
+        """Forget every key that starts with ``prefix`` (a chunk's or a version's store key: the
+        cache keys of its bytes and blocks, ``storage.reads.cache_key``)."""
+        for key in [k for k in (*self._lru, *self._held) if k.startswith(prefix)]:
+            self.discard(key)
+
     def clear(self) -> None:
         self._lru.clear()
         self._lru_bytes = 0

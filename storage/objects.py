@@ -340,9 +340,9 @@ class ObjectStore:
         task.add_done_callback(self._pending_gc.discard)
 
     async def delete_chunks(self, key: str, version: str, count: int, *, first: int = 0) -> None:
+        self.cache.discard_prefix(keys.chunk_prefix(key, version))
         for index in range(first, first + count):
             ck = keys.chunk_key(key, version, index)
-            self.cache.discard(ck)
             try:
                 await self.backend.delete(ck)
             except Exception as exc:  # noqa: BLE001 - gc sweeps whatever this misses
@@ -457,7 +457,7 @@ class ObjectStore:
         digest, blocks = await digests(blob.data, manifest.block_size)
         if info.size == ref.size and ref.sha256 is None:
             return manifest.with_chunk(ChunkRef(ref.index, ref.offset, ref.size, digest, blocks)), None
-        self.cache.discard(ck)
+        self.cache.discard_prefix(ck)  # what was cached of it under the old size (storage.reads.cache_key)
         return (manifest.with_chunk(ChunkRef(ref.index, ref.offset, len(blob.data), digest, blocks)),
                 (ref.index, ref.size, len(blob.data)))
 

@@ -77,6 +77,20 @@ def whole_chunk_digest(data: Any, manifest: Manifest, ref: ChunkRef, strict: boo
 _MISMATCH = "mismatch"  # never equal to a recorded digest
 
 
+def cache_key(manifest: Manifest, ref: ChunkRef, block: int | None = None) -> str:
+    """The chunk cache's key for chunk ``ref`` of ``manifest`` (or for one of its verified
+    blocks): the chunk's store key plus what its bytes are checked against (digest and size).
+    Bytes cached under one manifest are then never served for another that records other bytes
+    at the same store key: a chunk whose size drifted, its manifest repaired since (maybe by
+    another gateway), must not be answered from the bytes cached before (the simulator's seeds
+    36046 and 45502: a range served short of the length its headers promised)."""
+    ck = keys.chunk_key(manifest.key, manifest.version, ref.index)
+    if block is None:
+        return f"{ck}@{ref.sha256 or ''}:{ref.size}"
+    digest = ref.blocks[block] if ref.blocks is not None and block < len(ref.blocks) else ""
+    return f"{ck}#{block}@{digest}:{ref.size}"
+
+
 def cost(size: int) -> int:
     """What a cached chunk or block of ``size`` bytes is charged against the cache budget."""
     return size + 64
@@ -238,7 +252,7 @@ class ChunkReader:
         if refs and readplan.is_small_read(
             len(refs), end - start, self.options.small_read_bytes, verify=self.options.verify_reads,
             has_blocks=refs[0].blocks is not None and manifest.block_size > 0,
-        ) and keys.chunk_key(manifest.key, manifest.version, refs[0].index) not in self.cache:
+        ) and cache_key(manifest, refs[0]) not in self.cache:
             yield ChunkPiece.of_bytes(await self._read_small(manifest, refs[0], start, end))
             return
         ahead = _ReadAhead(self, manifest)
@@ -264,7 +278,8 @@ class ChunkReader:
     async def borrow(self, manifest: Manifest, ref: ChunkRef, *, owner: object | None = None) -> Loan[StoredChunk]:
         """A loan of one chunk, from the cache or the store (single-flight), checked against ``ref``."""
         ck = keys.chunk_key(manifest.key, manifest.version, ref.index)
-        loan = await self.cache.borrow(ck, self.fetcher(ck, manifest, ref), size=cost(ref.size), owner=owner)
+        loan = await self.cache.borrow(cache_key(manifest, ref), self.fetcher(ck, manifest, ref), size=cost(ref.size),
+                                       owner=owner)
         try:
             stored = loan.value
             assert stored is not None
@@ -277,7 +292,8 @@ class ChunkReader:
     async def chunk(self, manifest: Manifest, ref: ChunkRef, *, owner: object | None = None) -> StoredChunk:
         """One chunk, from the cache or the store (single-flight), checked against ``ref``."""
         ck = keys.chunk_key(manifest.key, manifest.version, ref.index)
-        stored = await self.cache.get(ck, self.fetcher(ck, manifest, ref), size=cost(ref.size), owner=owner)
+        stored = await self.cache.get(cache_key(manifest, ref), self.fetcher(ck, manifest, ref), size=cost(ref.size),
+                                      owner=owner)
         self._checked(manifest, ref, len(stored.data), stored.sha256)
         return stored
 
@@ -311,7 +327,8 @@ class ChunkReader:
         bs = manifest.block_size
         first, last = readplan.block_span(lo, hi, bs)
         blocks = await asyncio.gather(*(
-            self.cache.get(f"{ck}#{b}", self._block_fetcher(manifest, ref, ck, b), size=cost(min(bs, ref.size - b * bs)))
+            self.cache.get(cache_key(manifest, ref, b), self._block_fetcher(manifest, ref, ck, b),
+                           size=cost(min(bs, ref.size - b * bs)))
             for b in range(first, last)
         ))
         if len(blocks) == 1:
@@ -381,19 +398,20 @@ class _ReadAhead:
     def claim(self, refs: Sequence[ChunkRef]) -> None:
         cache = self.reader.cache
         for ahead in refs:
-            ck = keys.chunk_key(self.manifest.key, self.manifest.version, ahead.index)
-            if ck in self.claimed:
+            name = cache_key(self.manifest, ahead)
+            if name in self.claimed:
                 continue
-            fetch = self.reader.fetcher(ck, self.manifest, ahead)
-            if not cache.prefetch(ck, fetch, size=cost(ahead.size), owner=self.owner):
+            fetch = self.reader.fetcher(keys.chunk_key(self.manifest.key, self.manifest.version, ahead.index),
+                                        self.manifest, ahead)
+            if not cache.prefetch(name, fetch, size=cost(ahead.size), owner=self.owner):
                 break  # no free room: read on demand rather than evict someone's read-ahead
-            self.claimed.append(ck)
+            self.claimed.append(name)
 
     def taking(self, ref: ChunkRef) -> None:
         """The reader now borrows ``ref``'s chunk itself: no longer a claim to give up."""
-        ck = keys.chunk_key(self.manifest.key, self.manifest.version, ref.index)
-        if ck in self.claimed:
-            self.claimed.remove(ck)
+        name = cache_key(self.manifest, ref)
+        if name in self.claimed:
+            self.claimed.remove(name)
 
     def give_up(self) -> None:
         # Also when the reader stalled (a client that stopped reading): read-ahead is for readers

@@ -489,6 +489,5 @@ class UploadSessions:
             doomed += [k async for k in self.store_keys(keys.chunk_prefix(record.key, record.version))]
         else:
             log.error("upload %s ended, but its version is %r's committed one: its chunks stay", record.id, record.key)
-        for k in doomed:
-            self.store.cache.discard(k)
+        self.store.cache.discard_prefix(keys.chunk_prefix(record.key, record.version))
         await self.remove(doomed, lease)

@@ -101,3 +101,48 @@ async def test_drift_found_after_the_first_byte_raises_and_the_next_open_is_repa
         await again.aclose()
     assert again.manifest.size == len(got) == old.size + 10
     assert got == data + b"!" * 10
+
+
+@dataclass
+class Span:
+    """A plan that reads bytes [start, end) of the object (None: to its end)."""
+
+    start: int
+    end: int | None = None
+
+    def __call__(self, m: Manifest) -> "Span":
+        return Span(self.start, m.size if self.end is None else self.end)
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        assert self.end is not None
+        return [(self.start, self.end)]
+
+
+async def _read(store, key: str, plan: Span) -> bytes:
+    read = await store.open(key, plan)
+    try:
+        return b"".join([bytes(v) async for v in read.views()])
+    finally:
+        await read.aclose()
+
+
+@pytest.mark.parametrize("first_read", [Span(29_000, 29_100), Span(0)], ids=["a-verified-block", "the-whole-chunk"])
+async def test_a_gateway_never_answers_from_bytes_it_cached_before_another_gateway_repaired_the_chunk(first_read: Span) -> None:
+    """Found by the simulator (seeds 36046, 45502): gateway B cached a chunk's last block (or the
+    whole chunk); the chunk's size drifted in the store and gateway A repaired the manifest; B's
+    next read, planned from the repaired manifest, was answered from the bytes cached before and
+    came out shorter than the range its headers promised."""
+    from storage.backends.memory import MemoryBackend
+
+    backend = MemoryBackend()
+    a = make_store(backend, manifest_ttl=0.0, block_size=4096)
+    b = make_store(backend, manifest_ttl=0.0, block_size=4096)
+    data = os.urandom(30_000)  # one chunk; its last verified block is [28672, 30000)
+    await a.put("v.mp4", body_of(data), content_type="video/mp4")
+    assert await _read(b, "v.mp4", first_read) == data[first_read.start:first_read.end]
+    await _drift_last_chunk(a, "v.mp4", b"+" * 100)
+    assert await _read(a, "v.mp4", Span(0)) == data + b"+" * 100  # A finds the drift and repairs
+    assert (await a.head("v.mp4")).size == 30_100
+    for plan in (Span(29_900, 30_100), Span(0)):
+        assert await _read(b, "v.mp4", plan) == (data + b"+" * 100)[plan.start:plan.end]
