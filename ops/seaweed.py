@@ -61,6 +61,11 @@ def weed_mini_command(weed: str, data_dir: str | Path) -> tuple[list[str], str]:
     command = [
         weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         "-admin.ui=false", "-master.telemetry=false",
+        # Every bucket takes a volume of its own. The automatic limit (free disk / volume size)
+        # came to 77 here with 62 GB free, and the suite's shared server then answered every
+        # write to a newer bucket with 500 InternalError; volume files grow as written, so a high
+        # limit costs nothing.
+        "-volume.max=500",
         *(f"-{flag}={port}" for flag, port in ports.items()),
     ]
     return command, f"http://127.0.0.1:{ports['s3.port']}"
