@@ -20,6 +20,7 @@ from aiohttp import ClientPayloadError, EofStream, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import caching, conditions, hooks, ranges, security, sending
+from gateway.body import BodyReceiver, can_receive_into
 from gateway.auth import READ_EXPIRES, READ_PRIVATE, TOKEN_PATH
 from gateway.errors import HTTPError
 from gateway.mediatypes import guess_content_type, normalize_content_type
@@ -125,7 +126,7 @@ async def put_object(request: web.Request) -> web.Response:
     conditional = "If-Match" in request.headers or "If-None-Match" in request.headers
     manifest = await store.put(
         key,
-        request_body(request),
+        receive_body(request),
         content_type=content_type,
         content_length=length,
         content_md5=request.headers.get("Content-MD5"),
@@ -167,6 +168,15 @@ class UploadRateFloor:
     def for_request(cls, request: web.Request) -> "UploadRateFloor":
         cfg = request.app["config"]
         return cls(cfg.min_upload_rate, max(cfg.body_timeout, 1.0), received=request.get("chunkgate.bytes_received", 0))
+
+
+def receive_body(request: web.Request) -> AsyncIterator[bytes] | BodyReceiver:
+    """A PUT's body for the store: received straight into chunk buffers when it is large and
+    plain (gateway.body says why and what it costs), else aiohttp's pieces."""
+    if can_receive_into(request):
+        floor = UploadRateFloor.for_request(request)
+        return BodyReceiver(request, timeout=request.app["config"].body_timeout, check_rate=floor.check)
+    return request_body(request)
 
 
 async def request_body(request: web.Request) -> AsyncIterator[bytes]:
