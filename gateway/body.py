@@ -14,7 +14,8 @@ given, in reads as large as the kernel has data for. Smaller bodies keep aiohttp
 The price, and why it is safe:
 - aiohttp's parser still expects the body, so the connection cannot carry another request:
   every answer to a taken-over request says ``Connection: close`` (``gateway.app``), and bytes
-  after the body (a pipelined request) are read and dropped until the connection closes.
+  after the body (a pipelined request) are read and dropped until the connection closes (not
+  left unread: closing over unread bytes sends a reset that can destroy the answer).
 - Reading stops whenever no buffer is waiting (a slow store slows the client, as before);
   bytes a transport delivers anyway are kept and given to the next ``readinto``.
 - The same idle timeout (408 ``body_timeout``) and rate floor as aiohttp's path apply; a client
@@ -164,8 +165,12 @@ class BodyReceiver(asyncio.BufferedProtocol):
         else:
             self._filled += nbytes
         target = self._target
+        if self.left and (target is None or self._filled == len(target)):
+            self._transport.pause_reading()  # until the next buffer waits
         if not self.left or target is None or self._filled == len(target):
-            self._transport.pause_reading()
+            # At the body's end reading goes on: what follows is dropped, so that no unread bytes
+            # are left when the connection closes (the kernel would answer them with a reset, which
+            # can destroy the answer on its way to the client).
             self._wake()
 
     def eof_received(self) -> bool | None:
