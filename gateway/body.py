@@ -20,7 +20,10 @@ The price, and why it is safe:
   bytes a transport delivers anyway are kept and given to the next ``readinto``.
 - The same idle timeout (408 ``body_timeout``) and rate floor as aiohttp's path apply; a client
   that goes away, or closes before Content-Length bytes came, is ``IncompleteBody``, and the
-  store's caller then aborts (nothing committed).
+  store's caller then aborts (nothing committed). A PUT that fails before its body ended gives
+  the connection back to aiohttp (``release``), which reads and drops the rest after the answer
+  as it always did; its parser then waits for the bytes read here, so it closes at its lingering
+  timeout at the latest.
 - Write flow control and the connection's end are passed on to aiohttp's own protocol.
 
 Must never: read past Content-Length into a chunk buffer, hand back a partly filled buffer
@@ -54,16 +57,16 @@ def can_receive_into(request: web.Request) -> bool:
 
 
 class BodyReceiver(asyncio.BufferedProtocol):
-    """Takes over ``request``'s connection at once; ``readinto`` fills the caller's buffers."""
+    """Takes over ``request``'s connection at the first ``readinto``, which fills the caller's
+    buffers; ``release`` when the store is done with the body."""
 
     def __init__(self, request: web.Request, *, timeout: float, check_rate: Callable[[int], None]) -> None:
         # check_rate(received): the rate floor (gateway.objects.UploadRateFloor.check), raises HTTPError 408
-        transport = request.transport
-        assert transport is not None and request.content_length is not None
+        assert request.transport is not None and request.content_length is not None
         self._request = request
         self._loop = asyncio.get_running_loop()
-        self._transport = transport
-        self._original: asyncio.BaseProtocol = transport.get_protocol()
+        self._transport = request.transport
+        self._original: asyncio.BaseProtocol = request.transport.get_protocol()
         self._timeout = timeout
         self._check_rate = check_rate
         self._watchdog: asyncio.TimerHandle | None = None
@@ -74,20 +77,42 @@ class BodyReceiver(asyncio.BufferedProtocol):
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
         self._last_progress = self._loop.time()
-        content = request.content
-        transport.pause_reading()  # until a buffer waits for the body
+        self._taken = False
+        self.received = 0
+        self.left = request.content_length  # body bytes still on the socket
+
+    def _take_over(self) -> None:
+        """At the first ``readinto``, not before: a PUT refused before its body is read (a
+        precondition) keeps aiohttp's reader, which drains the body after the answer."""
+        self._taken = True
+        content = self._request.content
         queued = content.read_nowait(-1)  # what aiohttp's parser already took off the socket
+        self._transport.pause_reading()  # until a buffer waits for the body (read_nowait may have resumed it)
         if queued:
             self._early.append(queued)
         self.received = len(queued)
-        self.left = request.content_length - len(queued)  # body bytes still on the socket
-        content.feed_eof()  # nothing more arrives there; aiohttp's handler must not wait for it
-        request[BODY_RECEIVED_INTO] = True
-        transport.set_protocol(self)
+        self.left -= len(queued)
+        self._request[BODY_RECEIVED_INTO] = True
+        self._transport.set_protocol(self)
+
+    def release(self) -> None:
+        """The store is done with the body. Before its end (the PUT failed): the connection goes
+        back to aiohttp, which reads and drops the rest after the answer (its lingering close), so
+        the client, still sending, gets the answer instead of a reset. At its end: aiohttp's reader
+        is told the body is complete, so it does not wait for it."""
+        if not self._taken:
+            return
+        if self.left and not self._transport.is_closing():
+            self._transport.set_protocol(self._original)
+            self._transport.resume_reading()
+        elif not self.left:
+            self._request.content.feed_eof()
 
     # -- what the storage layer calls (storage.writes.BodyInto) ----------------------------------
     async def readinto(self, buf: memoryview) -> int:
         """Fill ``buf``; fewer bytes only when the body ends (0 after it ended)."""
+        if not self._taken:
+            self._take_over()
         filled = self._take_early(buf)
         if filled < len(buf) and self.left and self._error is None:
             self._target, self._filled = buf, filled

@@ -124,20 +124,25 @@ async def put_object(request: web.Request) -> web.Response:
     length = request.content_length  # None for chunked bodies: then the stream decides
     await hooks.authorize(request, key=key, size=length, content_type=content_type)  # before a body byte is read
     conditional = "If-Match" in request.headers or "If-None-Match" in request.headers
-    manifest = await store.put(
-        key,
-        receive_body(request),
-        content_type=content_type,
-        content_length=length,
-        content_md5=request.headers.get("Content-MD5"),
-        sha256_hex=sha.strip() if sha else None,
-        check=write_check(request, "If-Match / If-None-Match") if conditional else None,
-        owner=owner_of(request),
-        event=hooks.post_finish(request),
-    )
-    body = {"key": key, "size": manifest.size, "etag": manifest.etag, "version": manifest.version,
-            "chunks": len(manifest.chunks)}
-    return web.json_response(body, status=201, headers={"ETag": manifest.etag, "Location": request.path})
+    body = receive_body(request)
+    try:
+        manifest = await store.put(
+            key,
+            body,
+            content_type=content_type,
+            content_length=length,
+            content_md5=request.headers.get("Content-MD5"),
+            sha256_hex=sha.strip() if sha else None,
+            check=write_check(request, "If-Match / If-None-Match") if conditional else None,
+            owner=owner_of(request),
+            event=hooks.post_finish(request),
+        )
+    finally:
+        if isinstance(body, BodyReceiver):
+            body.release()  # the connection goes back to aiohttp if the body was not read to its end
+    out = {"key": key, "size": manifest.size, "etag": manifest.etag, "version": manifest.version,
+           "chunks": len(manifest.chunks)}
+    return web.json_response(out, status=201, headers={"ETag": manifest.etag, "Location": request.path})
 
 
 class UploadRateFloor:

@@ -17,6 +17,7 @@ import pytest
 from gateway.body import RECEIVE_INTO_FROM
 from gateway.config import ServeConfig
 from storage import keys
+from storage.backends.base import PermanentError
 from storage.backends.memory import MemoryBackend
 from tests.support.gateway import in_process_gateway
 
@@ -49,6 +50,12 @@ def answer(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     lines = head.decode().split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
     return int(lines[0].split()[1]), headers, rest
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One answer, by its Content-Length (the connection may stay open a while after it)."""
+    status, headers, _ = answer(await reader.readuntil(b"\r\n\r\n"))
+    return status, headers, await reader.readexactly(int(headers["content-length"]))
 
 
 async def stored(session: aiohttp.ClientSession, url: str, key: str) -> tuple[bytes, dict[str, object]]:
@@ -151,7 +158,7 @@ async def test_a_client_that_stalls_mid_large_body_gets_408_and_nothing_is_commi
                 assert r.status == 201
             reader, writer = await open_put(url, "clip", 4 * RECEIVE_INTO_FROM)
             await send_in_pieces(writer, os.urandom(RECEIVE_INTO_FROM), seed=4)
-            status, headers, rest = answer(await asyncio.wait_for(reader.read(), timeout=20))
+            status, headers, rest = await asyncio.wait_for(read_answer(reader), timeout=20)
             writer.close()
             assert status == 408 and json.loads(rest)["error"] == "body_timeout"
             assert headers["connection"] == "close"
@@ -177,3 +184,27 @@ async def test_a_large_gzip_encoded_body_is_not_stored_as_its_encoded_bytes() ->
             assert "ended after" in (await r.json())["message"]
         async with session.get(f"{url}/objects/z") as r:
             assert r.status == 404
+
+
+class FailsSecondChunk(MemoryBackend):
+    async def put(self, key: str, data: bytes, **kw: object) -> object:  # type: ignore[override]
+        if key.startswith(keys.CHUNK_PREFIX) and key.endswith("/00000001"):
+            raise PermanentError("the store refused it")
+        return await super().put(key, data, **kw)  # type: ignore[arg-type]
+
+
+async def test_a_put_that_fails_mid_body_answers_the_client_still_sending() -> None:
+    raw = FailsSecondChunk()
+    async with in_process_gateway(ServeConfig(chunk_size=CHUNK), backend=raw) as (url, app):
+        async with aiohttp.ClientSession() as session:
+            size = 4 * RECEIVE_INTO_FROM
+            reader, writer = await open_put(url, "clip", size)
+            sending = asyncio.ensure_future(send_in_pieces(writer, os.urandom(size), seed=5))
+            status, headers, rest = await asyncio.wait_for(read_answer(reader), timeout=30)
+            await asyncio.wait_for(sending, timeout=30)  # the rest of the body is still read (and dropped)
+            writer.close()
+            assert status >= 500, rest
+            assert headers["connection"] == "close"
+            async with session.get(f"{url}/objects/clip") as r:
+                assert r.status == 404
+            assert app["store"].buffers.lent == 0
