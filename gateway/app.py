@@ -17,6 +17,7 @@ from aiohttp.typedefs import Handler
 
 from gateway import objects, security, tus, webui
 from gateway.auth import TOKEN_PATH, admin_sign, auth_middleware, redact_path
+from gateway.body import BODY_RECEIVED_INTO
 from gateway.config import ConfigError, ServeConfig
 from gateway.errors import error_middleware, json_error
 from gateway.hooks import HookClient, delivered
@@ -237,8 +238,11 @@ async def decorate_response(request: web.Request, response: web.StreamResponse) 
         response.headers.update(security.PAGE_HEADERS)  # whatever the page's handler set
     elif not request.get(objects.OBJECT_READ):
         response.headers.setdefault("Content-Security-Policy", security.API_CSP)
-    if request.app["traffic"].draining:
-        response.force_close()  # shutting down: no more requests on this connection
+    if request.app["traffic"].draining or request.get(BODY_RECEIVED_INTO):
+        # shutting down, or aiohttp's parser still expects a body that gateway.body read itself:
+        # no more requests on this connection (the header too: aiohttp chose its headers before this hook)
+        response.force_close()
+        response.headers["Connection"] = "close"
     allow = request.get("cors_allow")
     if allow is not None and "Access-Control-Allow-Origin" not in response.headers:
         response.headers["Access-Control-Allow-Origin"] = allow

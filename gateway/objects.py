@@ -20,6 +20,7 @@ from aiohttp import ClientPayloadError, EofStream, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import caching, conditions, hooks, ranges, security, sending
+from gateway.body import BodyReceiver, can_receive_into
 from gateway.auth import READ_EXPIRES, READ_PRIVATE, TOKEN_PATH
 from gateway.errors import HTTPError
 from gateway.mediatypes import guess_content_type, normalize_content_type
@@ -123,20 +124,25 @@ async def put_object(request: web.Request) -> web.Response:
     length = request.content_length  # None for chunked bodies: then the stream decides
     await hooks.authorize(request, key=key, size=length, content_type=content_type)  # before a body byte is read
     conditional = "If-Match" in request.headers or "If-None-Match" in request.headers
-    manifest = await store.put(
-        key,
-        request_body(request),
-        content_type=content_type,
-        content_length=length,
-        content_md5=request.headers.get("Content-MD5"),
-        sha256_hex=sha.strip() if sha else None,
-        check=write_check(request, "If-Match / If-None-Match") if conditional else None,
-        owner=owner_of(request),
-        event=hooks.post_finish(request),
-    )
-    body = {"key": key, "size": manifest.size, "etag": manifest.etag, "version": manifest.version,
-            "chunks": len(manifest.chunks)}
-    return web.json_response(body, status=201, headers={"ETag": manifest.etag, "Location": request.path})
+    body = receive_body(request)
+    try:
+        manifest = await store.put(
+            key,
+            body,
+            content_type=content_type,
+            content_length=length,
+            content_md5=request.headers.get("Content-MD5"),
+            sha256_hex=sha.strip() if sha else None,
+            check=write_check(request, "If-Match / If-None-Match") if conditional else None,
+            owner=owner_of(request),
+            event=hooks.post_finish(request),
+        )
+    finally:
+        if isinstance(body, BodyReceiver):
+            body.release()  # the connection goes back to aiohttp if the body was not read to its end
+    out = {"key": key, "size": manifest.size, "etag": manifest.etag, "version": manifest.version,
+           "chunks": len(manifest.chunks)}
+    return web.json_response(out, status=201, headers={"ETag": manifest.etag, "Location": request.path})
 
 
 class UploadRateFloor:
@@ -167,6 +173,15 @@ class UploadRateFloor:
     def for_request(cls, request: web.Request) -> "UploadRateFloor":
         cfg = request.app["config"]
         return cls(cfg.min_upload_rate, max(cfg.body_timeout, 1.0), received=request.get("chunkgate.bytes_received", 0))
+
+
+def receive_body(request: web.Request) -> AsyncIterator[bytes] | BodyReceiver:
+    """A PUT's body for the store: received straight into chunk buffers when it is large and
+    plain (gateway.body says why and what it costs), else aiohttp's pieces."""
+    if can_receive_into(request):
+        floor = UploadRateFloor.for_request(request)
+        return BodyReceiver(request, timeout=request.app["config"].body_timeout, check_rate=floor.check)
+    return request_body(request)
 
 
 async def request_body(request: web.Request) -> AsyncIterator[bytes]:

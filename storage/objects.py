@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, AsyncGenerator, AsyncIterable, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Callable
 
 from cachetools import TTLCache
 
@@ -248,7 +248,7 @@ class ObjectStore:
     async def put(
         self,
         key: str,
-        body: AsyncIterable[bytes],
+        body: writes.Body,
         *,
         content_type: str,
         content_length: int | None = None,
