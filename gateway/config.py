@@ -95,7 +95,7 @@ class ServeConfig:
     allow_anonymous_writes: bool = False
     verify_reads: str = "blocks"
     write_concurrency: int = 4
-    readahead: int = 4
+    readahead: int = 8
     cors_origins: str = "*"
     max_object_size: int | None = None
     grace: float = 300.0

@@ -487,7 +487,7 @@ class UploadSessions:
         doomed = [k async for k in self.store_keys(tail_prefix(record.id))]
         if version_of(await self.store.record(record.key)) != record.version:
             doomed += [k async for k in self.store_keys(keys.chunk_prefix(record.key, record.version))]
+            self.store.cache.discard_prefix(keys.chunk_prefix(record.key, record.version))
         else:
             log.error("upload %s ended, but its version is %r's committed one: its chunks stay", record.id, record.key)
-        self.store.cache.discard_prefix(keys.chunk_prefix(record.key, record.version))
         await self.remove(doomed, lease)
