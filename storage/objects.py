@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, AsyncGenerator, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from cachetools import TTLCache
 
@@ -111,6 +111,7 @@ class ObjectStore:
         self._manifest_reads: dict[str, tuple[int, asyncio.Future[Current]]] = {}
         self._manifest_writes = 0  # bumped by every commit/delete/repair of this process
         self._pending_gc: set[asyncio.Task[None]] = set()
+        self._cleanups: set[asyncio.Future[None]] = set()  # failed PUTs' cleanups (clean_up_later)
         self._repairs: dict[str, asyncio.Task[Repairs]] = {}
         self.buffers = ChunkBuffers(self.options.chunk_size, keep=self.options.write_concurrency + 1)
         self.listing = ListingCache()
@@ -323,6 +324,15 @@ class ObjectStore:
         If the process stops first, ``chunkgate gc`` finds them as unreferenced."""
         self.delete_version_later(manifest.key, manifest.version, len(manifest.chunks))
 
+    def clean_up_later(self, cleanup: Awaitable[None]) -> None:
+        """Run ``cleanup`` (a failed PUT's) without its caller waiting: the client's answer
+        comes within ``--store-timeout``, not after one more store call per chunk and intent.
+        ``close`` waits for it (bounded by the store's deadline) rather than cancel it."""
+        task = asyncio.ensure_future(cleanup)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        task.add_done_callback(_observe)
+
     def delete_version_later(self, key: str, version: str, count: int) -> None:
         async def later() -> None:
             await asyncio.sleep(self.options.grace_seconds)
@@ -499,6 +509,7 @@ class ObjectStore:
         return int(getattr(self.backend, "queue_depth", 0))
 
     async def close(self) -> None:
+        await asyncio.gather(*self._cleanups, return_exceptions=True)
         for task in list(self._pending_gc) + list(self._repairs.values()):
             task.cancel()
         await asyncio.gather(*self._pending_gc, *self._repairs.values(), return_exceptions=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, AsyncIterable, AsyncIterator, Callable, Protocol, Union, cast, runtime_checkable
@@ -22,6 +23,8 @@ from storage.chunker import Chunk, Chunker
 from storage.errors import BodyTooLarge, ChecksumMismatch, IncompleteBody, StoreFailed, from_backend
 from storage.manifest import ChunkRef, Manifest
 from storage.manifests import Event
+
+log = logging.getLogger("chunkgate.writes")
 
 if TYPE_CHECKING:
     from storage.objects import ObjectStore
@@ -94,9 +97,21 @@ async def put(store: ObjectStore, key: str, body: Body, *, content_type: str, cl
             # The manifest may still land and name these chunks: keep them and the intent,
             # which protects them from gc until it expires; then gc judges by the manifest.
             raise
-        if not attempt.committed:
-            await writer.abort()
-        await asyncio.shield(intents.end(store.backend, version))
+        committed = attempt.committed
+
+        async def clean_up() -> None:
+            # The chunks first, then the intent: gc leaves them alone until the intent ends (or
+            # expires, if this process dies first; gc then judges by the manifest).
+            if not committed:
+                await writer.abort()
+            try:
+                await intents.end(store.backend, version)
+            except Exception as exc:  # noqa: BLE001 - it expires; gc then judges by the manifest
+                log.warning("could not end the intent of %r version %s: %s", key, version, exc)
+
+        # Not awaited here: on a stalled store each of these calls may take --store-timeout, and
+        # the client's 504 is promised within it (README "A store that stalls").
+        store.clean_up_later(clean_up())
         raise
     await asyncio.shield(intents.end(store.backend, version))
     return manifest

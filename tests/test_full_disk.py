@@ -309,9 +309,9 @@ def test_manifest_refused_for_want_of_room_cleans_up_the_chunks_it_would_have_na
         store = ObjectStore(backend, LockManager(), StoreOptions(chunk_size=1024))
         with pytest.raises(StoreFull):
             await store.put("videos/a.bin", body(), content_type="application/octet-stream")
+        await store.close()  # waits for the failed PUT's cleanup, which its answer did not wait for
         left = [i.key async for i in backend.list("")]
         assert left == [], left  # chunks and the PUT's intent: the manifest never landed
-        await store.close()
 
     asyncio.run(main())
 
