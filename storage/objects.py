@@ -508,8 +508,12 @@ class ObjectStore:
         """Store calls waiting for the limiter now (0 without a limiter)."""
         return int(getattr(self.backend, "queue_depth", 0))
 
-    async def close(self) -> None:
+    async def cleaned_up(self) -> None:
+        """Wait for every failed PUT's cleanup started so far (``clean_up_later``)."""
         await asyncio.gather(*self._cleanups, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.cleaned_up()
         for task in list(self._pending_gc) + list(self._repairs.values()):
             task.cancel()
         await asyncio.gather(*self._pending_gc, *self._repairs.values(), return_exceptions=True)
