@@ -56,6 +56,17 @@ log = logging.getLogger("chunkgate.objects")
 Repairs = list[tuple[int, int, int]]  # (chunk index, recorded size, stored size) per chunk re-recorded
 
 
+CLEANUP_WAIT = 10.0  # seconds ``close`` waits for failed PUTs' cleanups
+
+
+def _spawn(tasks: set[asyncio.Future[None]], work: Awaitable[None]) -> None:
+    """Run ``work`` in the background, kept in ``tasks`` while it runs."""
+    task = asyncio.ensure_future(work)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    task.add_done_callback(_observe)
+
+
 def _observe(task: asyncio.Future[Any]) -> None:
     """A done callback that retrieves a background task's exception (so asyncio does not log it)."""
     if not task.cancelled():
@@ -110,7 +121,7 @@ class ObjectStore:
         self._manifests: TTLCache[str, Current] = TTLCache(maxsize=4096, ttl=self.options.manifest_ttl, timer=clock)
         self._manifest_reads: dict[str, tuple[int, asyncio.Future[Current]]] = {}
         self._manifest_writes = 0  # bumped by every commit/delete/repair of this process
-        self._pending_gc: set[asyncio.Task[None]] = set()
+        self._pending_gc: set[asyncio.Future[None]] = set()
         self._cleanups: set[asyncio.Future[None]] = set()  # failed PUTs' cleanups (clean_up_later)
         self._repairs: dict[str, asyncio.Task[Repairs]] = {}
         self.buffers = ChunkBuffers(self.options.chunk_size, keep=self.options.write_concurrency + 1)
@@ -327,11 +338,8 @@ class ObjectStore:
     def clean_up_later(self, cleanup: Awaitable[None]) -> None:
         """Run ``cleanup`` (a failed PUT's) without its caller waiting: the client's answer
         comes within ``--store-timeout``, not after one more store call per chunk and intent.
-        ``close`` waits for it (bounded by the store's deadline) rather than cancel it."""
-        task = asyncio.ensure_future(cleanup)
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
-        task.add_done_callback(_observe)
+        ``close`` waits for it, up to ``CLEANUP_WAIT`` seconds."""
+        _spawn(self._cleanups, cleanup)
 
     def delete_version_later(self, key: str, version: str, count: int) -> None:
         async def later() -> None:
@@ -345,9 +353,7 @@ class ObjectStore:
                 return  # still referenced (belt and braces: a replaced version never returns)
             await self.delete_chunks(key, version, count)
 
-        task = asyncio.ensure_future(later())
-        self._pending_gc.add(task)
-        task.add_done_callback(self._pending_gc.discard)
+        _spawn(self._pending_gc, later())
 
     async def delete_chunks(self, key: str, version: str, count: int, *, first: int = 0) -> None:
         self.cache.discard_prefix(keys.chunk_prefix(key, version))
@@ -508,12 +514,20 @@ class ObjectStore:
         """Store calls waiting for the limiter now (0 without a limiter)."""
         return int(getattr(self.backend, "queue_depth", 0))
 
-    async def cleaned_up(self) -> None:
-        """Wait for every failed PUT's cleanup started so far (``clean_up_later``)."""
-        await asyncio.gather(*self._cleanups, return_exceptions=True)
+    async def cleaned_up(self, timeout: float | None = None) -> None:
+        """Wait for every failed PUT's cleanup started so far (``clean_up_later``); after
+        ``timeout`` seconds the rest are cancelled (their intents expire, and gc then judges
+        their chunks by the manifest, as after a crash)."""
+        if not self._cleanups:
+            return
+        _, late = await asyncio.wait(set(self._cleanups), timeout=timeout)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
     async def close(self) -> None:
-        await self.cleaned_up()
+        # Bounded: with --store-timeout 0 a cleanup on a store that never answers never ends.
+        await self.cleaned_up(timeout=CLEANUP_WAIT)
         for task in list(self._pending_gc) + list(self._repairs.values()):
             task.cancel()
         await asyncio.gather(*self._pending_gc, *self._repairs.values(), return_exceptions=True)

@@ -141,6 +141,26 @@ async def test_matching_checksums_are_accepted() -> None:
     assert await read_all(store, "k") == data
 
 
+class DeletesNeverAnswer(FailingBackend):
+    """Fails the first chunk put; then every delete hangs (a store with no deadline that stalls)."""
+
+    async def delete(self, key, **kw):  # type: ignore[no-untyped-def]
+        await asyncio.Event().wait()
+
+
+async def test_a_failed_put_answers_at_once_and_close_does_not_wait_forever_for_its_cleanup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import storage.objects
+    monkeypatch.setattr(storage.objects, "CLEANUP_WAIT", 0.2)
+    backend = DeletesNeverAnswer(fail_at=1)
+    store = make_store(backend)
+    with pytest.raises(StoreUnavailable):  # not held up by the cleanup's hung deletes
+        await asyncio.wait_for(store.put("k", body_of(os.urandom(3 * CHUNK)), content_type="x/y"), timeout=30)
+    await asyncio.wait_for(store.close(), timeout=30)
+    # The cleanup was given up: the PUT's intent stays, protecting its chunks until it expires.
+    assert await stored_keys(backend, keys.INTENT_PREFIX) != []
+
+
 async def test_a_body_past_the_size_limit_is_refused_before_and_while_streaming() -> None:
     store = make_store(max_object_size=CHUNK)
     with pytest.raises(BodyTooLarge):

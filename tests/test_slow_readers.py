@@ -88,14 +88,17 @@ def get_digest(url: str) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def in_flight(url: str) -> float:
+def metric(url: str, name: str) -> float:
+    """The sum of ``name``'s samples on the gateway's /metrics."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == "chunkgate_http_requests_in_flight":
-                return s.value
-    raise AssertionError("no chunkgate_http_requests_in_flight")
+    samples = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name]
+    assert samples, f"no {name}"
+    return sum(samples)
+
+
+def in_flight(url: str) -> float:
+    return metric(url, "chunkgate_http_requests_in_flight")
 
 
 def non_reader(port: int, key: str) -> socket.socket:
@@ -227,13 +230,6 @@ def test_a_slow_but_steady_reader_above_the_rate_floor_completes_and_one_below_i
         assert any("--min-download-rate" in line for line in gw.stderr_lines)
 
 
-def backend_bytes_read(url: str) -> float:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == "chunkgate_backend_bytes_read_total")
-
-
 def test_readers_that_are_behind_but_keep_reading_cost_the_store_each_chunk_once(tmp_path: Path) -> None:
     # Six readers of distinct 16 MiB objects (96 MiB working set, 4 MiB chunks, a 16 MiB
     # cache), each slower than the gateway sends (its socket is full: every slice is copied) but
@@ -246,7 +242,7 @@ def test_readers_that_are_behind_but_keep_reading_cost_the_store_each_chunk_once
         bodies = {f"movies/{i}.mp4": os.urandom(size) for i in range(readers)}
         for key, body in bodies.items():
             put(f"{gw.url}/objects/{key}", body)
-        before = backend_bytes_read(gw.url)
+        before = metric(gw.url, "chunkgate_backend_bytes_read_total")
         results: dict[str, tuple[bytes, bool]] = {}
 
         def read(key: str) -> None:
@@ -257,7 +253,7 @@ def test_readers_that_are_behind_but_keep_reading_cost_the_store_each_chunk_once
             t.start()
         for t in threads:
             t.join()
-        read_bytes = backend_bytes_read(gw.url) - before
+        read_bytes = metric(gw.url, "chunkgate_backend_bytes_read_total") - before
     for key, body in bodies.items():
         got, cut = results[key]
         assert not cut and got.partition(b"\r\n\r\n")[2] == body, key
