@@ -89,7 +89,10 @@ def durable_layout(record: UploadRecord, chunks: list[ObjectInfo],
 
     Chunks count from index 0 while each is a full ``chunk_size`` (or the final short one ending
     exactly at a known length); the first gap or misfit ends the run. A tail counts only if it
-    continues that run. Everything else is left over from a crash or a stale writer."""
+    continues that run -- whatever lies beyond it: one PATCH hands several chunks to the writer
+    at once, so a crash can leave chunk N+1 stored and chunk N not, and the tail saved for index N
+    (acknowledged, durable) still holds the offset. Everything else is left over from a crash or
+    a stale writer (removed before the next chunk is written: ``UploadSessions._open_append``)."""
     cs = record.chunk_size
     good: list[ObjectInfo] = []
     debris: list[str] = []
@@ -110,7 +113,8 @@ def durable_layout(record: UploadRecord, chunks: list[ObjectInfo],
             debris.append(info.key)
     tail: ObjectInfo | None = None
     for info in sorted(tails, key=lambda i: i.key):
-        fits = not (broken or final) and tail is None and index_of(info.key) == len(good)
+        # Not ``broken``: that concerns only chunks past the run, which the tail comes before.
+        fits = not final and tail is None and index_of(info.key) == len(good)
         if fits and 0 < info.size < cs and (record.length is None or offset + info.size <= record.length):
             tail = info
         else:

@@ -149,6 +149,8 @@ class UploadSweeper:
                     log.warning("could not read the record of upload %s (tried again next sweep): %s", upload_id, exc)
                     if sessions.index.get(upload_id) is None:
                         listed.pop(upload_id, None)  # neither counted nor swept until it can be read
+                    # Its record exists: its tails are not orphans (the bytes a PATCH acknowledged).
+                    tails.pop(upload_id, None)
                     return
             try:
                 record = UploadRecord.from_json(blob.data)

@@ -449,6 +449,10 @@ class UploadSessions:
             return DurableUpload(record, etag, [], None, [])
         chunks = [i async for i in self.listing(keys.chunk_prefix(record.key, record.version))]
         tails = [i async for i in self.listing(tail_prefix(upload_id))]
+        # What was read counts only if no other request could have changed it meanwhile: a
+        # holder stalled past its lease may have listed the chunks before a takeover's
+        # terminate and the tails after it (an offset the upload never had).
+        lease.check()
         good, tail, debris = durable_layout(record, chunks, tails)
         durable = DurableUpload(record, etag, good, tail, debris)
         now = self.clock()

@@ -2,7 +2,7 @@
 
 It runs the real ``storage`` code -- ObjectStore, tus UploadSessions, StoreLockManager leases,
 repair, gc and fsck -- for several simulated gateways over one shared store, on a virtual clock,
-and checks the invariants I1-I6 after every step. One seed fixes every interleaving, fault,
+and checks the invariants I1-I7 after every step. One seed fixes every interleaving, fault,
 cancellation, crash and clock offset, so a failure replays exactly.
 
     python -m tests.sim --seeds 0:1000           # a soak over seeds 0..999

@@ -14,7 +14,10 @@
   upload record, no write intent, no tombstone, no held lease remains, no upload is stuck, and
   fsck is clean;
 - **I5** no exception escapes but the typed errors the HTTP layer maps (never a 500);
-- **I6** no two leases of one key are valid at once, whatever the gateways' clocks say.
+- **I6** no two leases of one key are valid at once, whatever the gateways' clocks say;
+- **I7** an upload's offset, as any request started after a PATCH's acknowledgement reports it,
+  is never below the offset that PATCH acknowledged (bytes acknowledged are durable, whatever
+  crashed since).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class UploadModel:
     data: bytes
     id: str = ""
     known_offset: int = 0
+    acks: list[tuple[float, int, str]] = field(default_factory=list)  # (when, offset, by): PATCH answers
     terminated: bool = False
     final_state: str = ""
 
@@ -106,6 +110,17 @@ class Checker:
         if self.violation is not None:
             raise Violation(self.violation)
 
+    def saw_offset(self, upload: UploadModel, offset: int, rec: OpRecord, *, acked: bool, state: str = "") -> None:
+        """I7: ``rec`` (started at ``rec.invoked``) reports ``offset`` for ``upload``; ``acked``:
+        it is a PATCH's successful answer, which later requests must never report less than."""
+        before = [(when, off, by) for when, off, by in upload.acks if when < rec.invoked and off > offset]
+        if before:
+            when, off, by = max(before, key=lambda a: a[1])
+            self.fail(f"I7: {rec} reports upload {upload.id[:8]} at offset {offset} ({state}), "
+                      f"but {by} acknowledged offset {off} at t={when:.3f}, before it started")
+        if acked:
+            upload.acks.append((self.now, offset, str(rec)))
+
     # ------------------------------------------------------------------------- per step
     def op_done(self, record: OpRecord) -> None:
         self.ops[record.id] = record
@@ -115,6 +130,8 @@ class Checker:
         self._check_transitions()  # transitions before this answer are judged with it in view
         if record.outcome == "error":
             assert record.error is not None
+            if isinstance(record.error, Violation):
+                return  # found inside the operation (I7), and recorded there
             if _maps_cleanly(record.error) is None:
                 self.fail(f"I5: {record} raised {type(record.error).__name__}: {record.error} (would be a 500)")
             if record.kind == "tus_patch" and record.checksum_ok and type(record.error).__name__ == "UploadChecksumMismatch":

@@ -326,9 +326,10 @@ class Driver:
         except Exception as exc:
             new_offset = getattr(exc, "offset", None)
             if isinstance(new_offset, int):
+                self.checker.saw_offset(upload, new_offset, rec, acked=False, state=f"refused: {type(exc).__name__}: {exc}")
                 upload.known_offset = new_offset
             raise
-        self._saw_status(upload, status, rec)
+        self._saw_status(upload, status, rec, acked=True)
         return status
 
     async def _patch_body(self, data: bytes, stop: asyncio.Event, rec: OpRecord) -> AsyncIterator[bytes]:
@@ -381,7 +382,8 @@ class Driver:
         swept = await asyncio.gather(gw.sessions.sweep(), gw.locks.clear_stale())
         return swept[0]
 
-    def _saw_status(self, upload: UploadModel, status: Any, rec: OpRecord) -> None:
+    def _saw_status(self, upload: UploadModel, status: Any, rec: OpRecord, *, acked: bool = False) -> None:
+        self.checker.saw_offset(upload, status.offset, rec, acked=acked, state=status.state.value)
         upload.known_offset = status.offset
         if status.state is UploadState.COMPLETE and status.offset == upload.length:
             rec.acked_upload = True
