@@ -5,7 +5,8 @@ Full chunks go to a ``ChunkWriter`` (bounded in flight) as they fill, through th
 A checksummed body is held in memory until the whole of it verified.
 
 Must never: import aiohttp or ``gateway``; make a byte of a checksummed body durable before it
-verified; count a chunk that follows a failed one; write after the lease was lost.
+verified; count a chunk that follows a failed one; write after the lease was lost; delete a chunk
+key that a later request may write again (a late delete would remove what that request stored).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Appender:
         self.cs = record.chunk_size
         self.first_index = len(durable.chunks)
         self.writer = ChunkWriter(sessions.store, record.key, record.version, first_index=self.first_index,
-                                  first_offset=self.first_index * self.cs, fence=lease.check)
+                                  first_offset=self.first_index * self.cs, fence=lease.check, adopt=True)
         # Reused buffers where the upload's chunk size is the store's (storage.chunker).
         self.chunker = Chunker(self.cs, sessions.store.buffers)
         for _ in self.chunker.feed(tail):  # shorter than a chunk: it only refills the rest
@@ -125,7 +126,6 @@ class Appender:
         """Wait for the chunk writes; keep the contiguous run that succeeded. True if all did."""
         results = await self.writer.results()
         ok = True
-        written_after_gap: list[int] = []
         for n, result in enumerate(results):
             index = self.first_index + n
             if isinstance(result, ChunkRef) and ok:
@@ -136,16 +136,14 @@ class Appender:
                     ck = keys.chunk_key(self.durable.record.key, self.durable.record.version, index)
                     self.durable.chunks.append(ObjectInfo(ck, result.size, "", datetime.now(timezone.utc)))
             elif isinstance(result, ChunkRef):
-                written_after_gap.append(index)
+                # Beyond a gap it is not part of the offset. It stays: the rewrite adopts it
+                # (ChunkWriter adopt), and a delete of it could land after that rewrite.
+                pass
             else:
                 if ok:
                     log.warning("upload %s: chunk %d was not stored: %s", self.durable.record.id, index, result)
                     self.error = result
                 ok = False
-        if written_after_gap:
-            # Beyond a gap they are not part of the offset, and would collide with the rewrite.
-            await self.sessions.remove(
-                [keys.chunk_key(self.durable.record.key, self.durable.record.version, i) for i in written_after_gap], self.lease)
         return ok
 
     async def _save_tail(self) -> None:

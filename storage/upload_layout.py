@@ -122,6 +122,23 @@ def durable_layout(record: UploadRecord, chunks: list[ObjectInfo],
     return good, tail, debris
 
 
+def removable(durable: DurableUpload) -> list[str]:
+    """Pure: the debris a request may delete before it writes. Tails, and chunks at an index no
+    request of this upload can write again (past its declared end). Not chunks it may write
+    again: ``storage.writes.ChunkWriter`` adopts an identical copy, and a delete that a holder
+    sent before it went stale could land after the next holder stored and acknowledged the key."""
+    record = durable.record
+    last = -(-record.length // record.chunk_size) if record.length is not None else None
+    chunk_prefix = keys.chunk_prefix(record.key, record.version)
+    out = []
+    for k in durable.debris:
+        if not k.startswith(chunk_prefix):
+            out.append(k)  # a tail
+        elif last is not None and not 0 <= index_of(k) < last:
+            out.append(k)
+    return out
+
+
 def index_of(store_key: str) -> int:
     try:
         return int(store_key.rsplit("/", 1)[1])

@@ -60,6 +60,7 @@ from storage.upload_gc import UploadsGcHook, gc_hook
 from storage.upload_layout import (
     DurableUpload,
     durable_layout,
+    removable,
     guarded,
     info_key,
     lock_key,
@@ -320,7 +321,7 @@ class UploadSessions:
     async def _open_append(self, durable: DurableUpload, lease: Lease) -> Appender:
         """Ready to take bytes: debris gone, the saved tail read back to be refilled (what the
         key holds is recorded when the first byte arrives: ``expect``)."""
-        await self.remove(durable.debris, lease)
+        await self.remove(removable(durable), lease)
         durable.debris = []
         tail_bytes = b""
         if durable.tail is not None:

@@ -149,7 +149,7 @@ class ChunkWriter:
     down (``add`` waits for a slot) instead of growing memory."""
 
     def __init__(self, store: ObjectStore, key: str, version: str, *, first_index: int = 0, first_offset: int = 0,
-                 fence: Callable[[], None] | None = None) -> None:
+                 fence: Callable[[], None] | None = None, adopt: bool = False) -> None:
         # first_index/first_offset: a tus upload adds chunks to its version across requests.
         # fence: called right before each chunk put (a lease's check), so a holder cleared as
         # stale stops writing.
@@ -161,6 +161,9 @@ class ChunkWriter:
         self._first = first_index
         self._offset = first_offset
         self._fence = fence
+        # adopt: a tus upload's chunk key may already hold a copy a crashed or stale writer left
+        # (``_adopt``); a PUT's version is its own, so there a collision stays an error.
+        self._adopt = adopt
 
     async def add(self, data: Chunk) -> None:
         """Hand over one chunk's bytes: an immutable ``bytes`` nobody reuses, or a read-only view
@@ -193,7 +196,12 @@ class ChunkWriter:
                     self._fence()
                 # create-only: a chunk key is written once, ever; a collision is a bug, not a race to win
                 # (a read-only view of a lent buffer is bytes to every backend: they only read it)
-                await backend.put(ck, cast(bytes, data), if_none_match=True)
+                try:
+                    await backend.put(ck, cast(bytes, data), if_none_match=True)
+                except PreconditionFailed:
+                    if not self._adopt:
+                        raise
+                    await self._adopt_existing(ck, data, digest)
                 info = await backend.head(ck)
             except (TransientError, PermanentError) as exc:
                 raise from_backend(exc, f"writing chunk {index}") from exc
@@ -210,6 +218,24 @@ class ChunkWriter:
         finally:
             self.store.buffers.give_back(data)  # a no-op once forgotten
             self._slots.release()
+
+    async def _adopt_existing(self, ck: str, data: Chunk, digest: str) -> None:
+        """The key already holds a chunk: a copy an earlier request of the same upload wrote
+        beyond a gap, or a crashed one left. Holding exactly these bytes, it is this chunk, and
+        stays as it is. Nothing in a live upload deletes a chunk key the next writer may write
+        again: a delete sent by a holder that then went stale can land late, after the next
+        holder wrote and acknowledged the key. Only bytes that differ (the client sent others
+        for this offset since) are replaced."""
+        backend = self.store.backend
+        stored = await backend.get(ck)
+        if len(stored.data) == len(data) and await sha256_hex(stored.data) == digest:
+            return
+        if self._fence is not None:
+            self._fence()
+        await backend.delete(ck)
+        if self._fence is not None:
+            self._fence()
+        await backend.put(ck, cast(bytes, data), if_none_match=True)
 
     async def finish(self) -> list[ChunkRef]:
         return list(await asyncio.gather(*self._tasks))

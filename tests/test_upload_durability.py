@@ -4,7 +4,10 @@
   earlier one not, leaves the upload at the offset its last 204 acknowledged (the saved tail of
   chunk N counts although chunk N+1 is stored beyond the gap), and the upload completes from there;
 - the uploads' sweep deletes a tail only when its upload's record is really gone, not when the
-  store failed to answer for the record this once.
+  store failed to answer for the record this once;
+- a delete that a holder sent before it went stale, and that the store applies only later, never
+  removes a chunk the next holder stored and acknowledged (no request deletes a chunk key a later
+  one may write again: a copy beyond a gap is adopted by the rewrite when it holds the same bytes).
 
 Over the real upload sessions on the memory backend; a second ``UploadSessions`` over the same
 store is a restarted gateway (or another one), whose index does not know the upload yet. The
@@ -141,3 +144,91 @@ async def test_a_gateway_killed_with_chunk_n_plus_1_stored_and_chunk_n_not_keeps
     finally:
         dying.cancel()
         await asyncio.gather(dying, return_exceptions=True)
+
+
+class LateDeletes(MemoryBackend):
+    """PUTs of ``fail_put`` fail (a moment later); the first DELETE of each key in ``late`` is
+    sent at once but applied only when ``arrive`` is set (a request stuck on the wire)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_put: set[str] = set()
+        self.late: set[str] = set()
+        self.sent = asyncio.Event()
+        self.arrive = asyncio.Event()
+
+    async def put(self, key: str, data: bytes, **kwargs: Any) -> str:
+        if key in self.fail_put:
+            await asyncio.sleep(0.05)
+            raise TransientError(f"injected: put {key} failed")
+        return await super().put(key, data, **kwargs)
+
+    async def delete(self, key: str, **kwargs: Any) -> None:
+        if key in self.late:
+            self.late.discard(key)
+            self.sent.set()
+            await self.arrive.wait()
+        await super().delete(key, **kwargs)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("completes", [False, True], ids=["mid-upload", "the next holder completes the upload"])
+async def test_a_stale_holders_late_delete_never_removes_a_chunk_the_next_holder_acknowledged(completes: bool) -> None:
+    backend = LateDeletes()
+    store = ObjectStore(backend, LockManager(stale_after=0.3, timeout=5.0), StoreOptions(chunk_size=CS))
+    sessions = UploadSessions(store, UploadOptions(chunk_size=CS, expiry=HOUR, lock_timeout=5.0))
+    data = hashlib.sha256(b"late").digest() * ((4 if completes else 6) * CS // 32)
+    status = await sessions.create("v/late.mp4", length=len(data), metadata="", content_type="video/mp4")
+    async with sessions.lock(status.id, owner="first") as lease:
+        assert (await sessions.append(status.id, lease, offset=0, body=body(data[:2 * CS]))).offset == 2 * CS
+    record = (await sessions.read_record(status.id))[0]
+    chunk = [keys.chunk_key(record.key, record.version, i) for i in range(4)]
+    # The next PATCH: chunk 2 fails, chunk 3 is stored beyond the gap. Were chunk 3 deleted, that
+    # delete would be held on the wire while its holder stalls past its lease.
+    backend.fail_put.add(chunk[2])
+    backend.late.add(chunk[3])
+
+    async def stalled() -> None:
+        async with sessions.lock(status.id, owner="stalled") as lease:
+            await sessions.append(status.id, lease, offset=2 * CS, body=body(data[2 * CS:4 * CS]))
+
+    first = asyncio.ensure_future(stalled())
+    sent = asyncio.ensure_future(backend.sent.wait())
+    await asyncio.wait({first, sent}, timeout=2.0, return_when=asyncio.FIRST_COMPLETED)
+    sent.cancel()
+    backend.fail_put.clear()
+    # The client resumes (on this gateway or another) once the stalled holder is cleared as stale.
+    async with sessions.lock(status.id, owner="resume") as lease:
+        acked = await sessions.append(status.id, lease, offset=2 * CS, body=body(data[2 * CS:4 * CS]))
+    assert acked.offset == 4 * CS
+    backend.arrive.set()  # whatever was on the wire lands now
+    await asyncio.gather(first, return_exceptions=True)
+    if completes:
+        manifest = await store.head("v/late.mp4", fresh=True)
+        got = b"".join([bytes(p) async for p in store.read(manifest, 0, len(data))])
+        assert got == data
+    else:
+        async with sessions.lock(status.id, owner="head") as lease:
+            assert (await sessions.status(status.id, lease)).offset == 4 * CS
+
+
+@pytest.mark.timeout(30)
+async def test_copies_left_beyond_a_gap_are_adopted_when_identical_and_replaced_when_not() -> None:
+    backend = LateDeletes()
+    now = [time.time()]
+    sessions = sessions_over(backend, now)
+    data = hashlib.sha256(b"left").digest() * (4 * CS // 32)
+    status = await sessions.create("v/left.mp4", length=len(data), metadata="", content_type="video/mp4")
+    async with sessions.lock(status.id, owner="first") as lease:
+        await sessions.append(status.id, lease, offset=0, body=body(data[:CS]))
+    record = (await sessions.read_record(status.id))[0]
+    chunk = [keys.chunk_key(record.key, record.version, i) for i in range(4)]
+    await backend.put(chunk[2], data[2 * CS:3 * CS])  # what a crashed PATCH left: these very bytes
+    await backend.put(chunk[3], b"\0" * CS)  # and bytes the client has since sent differently
+    async with sessions.lock(status.id, owner="head") as lease:
+        assert (await sessions.status(status.id, lease)).offset == CS  # neither counts: chunk 1 is missing
+    async with sessions.lock(status.id, owner="rest") as lease:
+        assert (await sessions.append(status.id, lease, offset=CS, body=body(data[CS:]))).offset == len(data)
+    manifest = await sessions.store.head("v/left.mp4", fresh=True)
+    got = b"".join([bytes(p) async for p in sessions.store.read(manifest, 0, len(data))])
+    assert got == data

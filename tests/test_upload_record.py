@@ -11,7 +11,7 @@ import pytest
 from storage import keys
 from storage.backends.base import ObjectInfo
 from storage.errors import StoreFailed
-from storage.upload_layout import durable_layout, tail_key
+from storage.upload_layout import DurableUpload, durable_layout, removable, tail_key
 from storage.upload_record import NEXT, UploadRecord, UploadState, expired, overdue
 
 CS = 100
@@ -58,6 +58,25 @@ def test_durable_layout(name: str, length: int | None, sizes: tuple[int | None, 
     good, t, left = durable_layout(record(length), chunks(sizes), tails(*tail) if tail else [])
     assert sum(i.size for i in good) + (t.size if t else 0) == offset
     assert len(left) == debris
+
+
+REMOVABLE = [
+    # (name, length, debris chunk indices, debris tail indices, which may be deleted before writing)
+    ("tails always", 250, (), (0, 3), ["t0", "t3"]),
+    ("a chunk this upload may write again stays (the rewrite adopts or replaces it)", 250, (1, 2), (), []),
+    ("a chunk past the declared end goes", 150, (1, 2, 5), (), ["c2", "c5"]),
+    ("deferred length: any chunk may be written again", None, (1, 9), (), []),
+]
+
+
+@pytest.mark.parametrize(("name", "length", "chunk_ix", "tail_ix", "expected"), REMOVABLE, ids=[c[0] for c in REMOVABLE])
+def test_removable_debris(name: str, length: int | None, chunk_ix: tuple[int, ...], tail_ix: tuple[int, ...],
+                          expected: list[str]) -> None:
+    r = record(length)
+    by_name = {f"c{i}": keys.chunk_key(r.key, r.version, i) for i in chunk_ix}
+    by_name.update({f"t{i}": tail_key("0" * 32, i) for i in tail_ix})
+    durable = DurableUpload(r, "e", [], None, list(by_name.values()))
+    assert removable(durable) == [by_name[n] for n in expected]
 
 
 def test_a_record_round_trips_through_its_json_form() -> None:
