@@ -92,7 +92,7 @@ def durable_layout(record: UploadRecord, chunks: list[ObjectInfo],
     continues that run -- whatever lies beyond it: one PATCH hands several chunks to the writer
     at once, so a crash can leave chunk N+1 stored and chunk N not, and the tail saved for index N
     (acknowledged, durable) still holds the offset. Everything else is left over from a crash or
-    a stale writer (removed before the next chunk is written: ``UploadSessions._open_append``)."""
+    a stale writer: ``removable`` says which of it may be deleted."""
     cs = record.chunk_size
     good: list[ObjectInfo] = []
     debris: list[str] = []

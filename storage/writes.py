@@ -162,7 +162,7 @@ class ChunkWriter:
         self._offset = first_offset
         self._fence = fence
         # adopt: a tus upload's chunk key may already hold a copy a crashed or stale writer left
-        # (``_adopt``); a PUT's version is its own, so there a collision stays an error.
+        # (``_adopt_existing``); a PUT's version is its own, so there a collision stays an error.
         self._adopt = adopt
 
     async def add(self, data: Chunk) -> None:
@@ -194,8 +194,9 @@ class ChunkWriter:
             try:
                 if self._fence is not None:
                     self._fence()
-                # create-only: a chunk key is written once, ever; a collision is a bug, not a race to win
-                # (a read-only view of a lent buffer is bytes to every backend: they only read it)
+                # create-only: a PUT's chunk key is written once, ever, and a collision is a bug; a
+                # tus upload's key may hold an earlier request's copy (adopt). A read-only view of a
+                # lent buffer is bytes to every backend: they only read it.
                 try:
                     await backend.put(ck, cast(bytes, data), if_none_match=True)
                 except PreconditionFailed:

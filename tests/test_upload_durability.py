@@ -146,6 +146,16 @@ async def test_a_gateway_killed_with_chunk_n_plus_1_stored_and_chunk_n_not_keeps
         await asyncio.gather(dying, return_exceptions=True)
 
 
+async def started(sessions: UploadSessions, key: str, data: bytes, first: int) -> tuple[Any, list[str]]:
+    """An upload of ``data`` whose first PATCH brought ``first`` bytes; its status and the store
+    keys of its first four chunks."""
+    status = await sessions.create(key, length=len(data), metadata="", content_type="video/mp4")
+    async with sessions.lock(status.id, owner="first") as lease:
+        assert (await sessions.append(status.id, lease, offset=0, body=body(data[:first]))).offset == first
+    record = (await sessions.read_record(status.id))[0]
+    return status, [keys.chunk_key(record.key, record.version, i) for i in range(4)]
+
+
 class LateDeletes(MemoryBackend):
     """PUTs of ``fail_put`` fail (a moment later); the first DELETE of each key in ``late`` is
     sent at once but applied only when ``arrive`` is set (a request stuck on the wire)."""
@@ -156,6 +166,7 @@ class LateDeletes(MemoryBackend):
         self.late: set[str] = set()
         self.sent = asyncio.Event()
         self.arrive = asyncio.Event()
+        self.deleted: list[str] = []
 
     async def put(self, key: str, data: bytes, **kwargs: Any) -> str:
         if key in self.fail_put:
@@ -168,6 +179,7 @@ class LateDeletes(MemoryBackend):
             self.late.discard(key)
             self.sent.set()
             await self.arrive.wait()
+        self.deleted.append(key)
         await super().delete(key, **kwargs)
 
 
@@ -178,11 +190,7 @@ async def test_a_stale_holders_late_delete_never_removes_a_chunk_the_next_holder
     store = ObjectStore(backend, LockManager(stale_after=0.3, timeout=5.0), StoreOptions(chunk_size=CS))
     sessions = UploadSessions(store, UploadOptions(chunk_size=CS, expiry=HOUR, lock_timeout=5.0))
     data = hashlib.sha256(b"late").digest() * ((4 if completes else 6) * CS // 32)
-    status = await sessions.create("v/late.mp4", length=len(data), metadata="", content_type="video/mp4")
-    async with sessions.lock(status.id, owner="first") as lease:
-        assert (await sessions.append(status.id, lease, offset=0, body=body(data[:2 * CS]))).offset == 2 * CS
-    record = (await sessions.read_record(status.id))[0]
-    chunk = [keys.chunk_key(record.key, record.version, i) for i in range(4)]
+    status, chunk = await started(sessions, "v/late.mp4", data, 2 * CS)
     # The next PATCH: chunk 2 fails, chunk 3 is stored beyond the gap. Were chunk 3 deleted, that
     # delete would be held on the wire while its holder stalls past its lease.
     backend.fail_put.add(chunk[2])
@@ -218,11 +226,7 @@ async def test_copies_left_beyond_a_gap_are_adopted_when_identical_and_replaced_
     now = [time.time()]
     sessions = sessions_over(backend, now)
     data = hashlib.sha256(b"left").digest() * (4 * CS // 32)
-    status = await sessions.create("v/left.mp4", length=len(data), metadata="", content_type="video/mp4")
-    async with sessions.lock(status.id, owner="first") as lease:
-        await sessions.append(status.id, lease, offset=0, body=body(data[:CS]))
-    record = (await sessions.read_record(status.id))[0]
-    chunk = [keys.chunk_key(record.key, record.version, i) for i in range(4)]
+    status, chunk = await started(sessions, "v/left.mp4", data, CS)
     await backend.put(chunk[2], data[2 * CS:3 * CS])  # what a crashed PATCH left: these very bytes
     await backend.put(chunk[3], b"\0" * CS)  # and bytes the client has since sent differently
     async with sessions.lock(status.id, owner="head") as lease:
@@ -232,3 +236,4 @@ async def test_copies_left_beyond_a_gap_are_adopted_when_identical_and_replaced_
     manifest = await sessions.store.head("v/left.mp4", fresh=True)
     got = b"".join([bytes(p) async for p in sessions.store.read(manifest, 0, len(data))])
     assert got == data
+    assert chunk[2] not in backend.deleted and chunk[3] in backend.deleted  # adopted; replaced
