@@ -28,7 +28,7 @@ from storage.backends.memory import MemoryBackend
 from storage.locks import LockManager
 from storage.objects import ObjectStore, StoreOptions
 from storage.upload_layout import info_key, tail_prefix
-from storage.uploads import UploadNotFound, UploadOptions, UploadSessions
+from storage.uploads import UploadNotFound, UploadOptions, UploadSessions, UploadStatus
 
 CS = 1024
 HOUR = 3600.0
@@ -62,6 +62,16 @@ def sessions_over(backend: MemoryBackend, now: list[float]) -> UploadSessions:
 
 async def body(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+async def started(sessions: UploadSessions, key: str, data: bytes, first: int) -> tuple[UploadStatus, list[str]]:
+    """An upload of ``data`` whose first PATCH brought ``first`` bytes; its status and the store
+    keys of its first four chunks."""
+    status = await sessions.create(key, length=len(data), metadata="", content_type="video/mp4")
+    async with sessions.lock(status.id, owner="first") as lease:
+        assert (await sessions.append(status.id, lease, offset=0, body=body(data[:first]))).offset == first
+    record = (await sessions.read_record(status.id))[0]
+    return status, [keys.chunk_key(record.key, record.version, i) for i in range(4)]
 
 
 CASES = [
@@ -104,19 +114,14 @@ async def test_the_sweep_deletes_a_tail_only_when_its_upload_record_is_gone(
                 await other.status(status.id, lease)
 
 
-
 @pytest.mark.timeout(30)
 async def test_a_gateway_killed_with_chunk_n_plus_1_stored_and_chunk_n_not_keeps_the_acknowledged_offset() -> None:
     backend = FailsReadsOf()
     now = [time.time()]
     doomed = sessions_over(backend, now)
     data = hashlib.sha256(b"seed").digest() * (5 * CS // 32)
-    status = await doomed.create("v/killed.mp4", length=len(data), metadata="", content_type="video/mp4")
-    async with doomed.lock(status.id, owner="patch-1") as lease:
-        assert (await doomed.append(status.id, lease, offset=0, body=body(data[:300]))).offset == 300
+    status, chunk = await started(doomed, "v/killed.mp4", data, 300)
     # The next PATCH fills chunk 0 and chunk 1; chunk 0's write never lands, chunk 1's does.
-    record = (await doomed.read_record(status.id))[0]
-    chunk = [keys.chunk_key(record.key, record.version, i) for i in range(5)]
     backend.never_lands.add(chunk[0])
 
     async def second_patch() -> None:
@@ -144,16 +149,6 @@ async def test_a_gateway_killed_with_chunk_n_plus_1_stored_and_chunk_n_not_keeps
     finally:
         dying.cancel()
         await asyncio.gather(dying, return_exceptions=True)
-
-
-async def started(sessions: UploadSessions, key: str, data: bytes, first: int) -> tuple[Any, list[str]]:
-    """An upload of ``data`` whose first PATCH brought ``first`` bytes; its status and the store
-    keys of its first four chunks."""
-    status = await sessions.create(key, length=len(data), metadata="", content_type="video/mp4")
-    async with sessions.lock(status.id, owner="first") as lease:
-        assert (await sessions.append(status.id, lease, offset=0, body=body(data[:first]))).offset == first
-    record = (await sessions.read_record(status.id))[0]
-    return status, [keys.chunk_key(record.key, record.version, i) for i in range(4)]
 
 
 class LateDeletes(MemoryBackend):
