@@ -76,6 +76,8 @@ RULES: dict[type, Rule] = {
     # too: retrying is right, and clients that honour it space their retries.
     se.StoreTimedOut: Rule(504, _retry_after),
     se.StoreUnavailable: Rule(503, _retry_after),
+    # A HEAD whose lease was lost while it read: 5xx (retry), never a 4xx ("the upload is gone").
+    se.UploadStatusUnsettled: Rule(503, _retry_after),
     TooManyOpenUploads: Rule(429, _retry_after_if_known),
     OpenUploadsFull: Rule(503, _retry_after),
     se.OffsetMismatch: Rule(409, _offset),

@@ -70,6 +70,16 @@ class ManifestRepairing(StoreUnavailable):
     code = "chunk_size_drift"
 
 
+class UploadStatusUnsettled(StoreUnavailable):
+    """A status read (HEAD) lost its lease on the upload before it could answer: the store
+    stopped taking the lease's renewals, or another request cleared it as stale. What it read
+    may be torn, so no offset is reported; nothing was written. HTTP 503 with Retry-After, not
+    the 409 a fenced PATCH gets: a tus client treats a 4xx to HEAD as "this upload is gone" and
+    starts over, where a 5xx is worth retrying."""
+
+    code = "upload_busy"
+
+
 class StoreTimedOut(StoreUnavailable):
     """The store did not answer within ``--store-timeout`` (HTTP 504, Retry-After). A write's
     outcome is unknown: it may still land, so nothing it may have made reachable is deleted."""

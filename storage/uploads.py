@@ -47,6 +47,7 @@ from storage.errors import (  # the upload errors are re-exported here until gat
     UploadGone,
     UploadInterrupted,
     UploadNotFound,
+    UploadStatusUnsettled,
     UploadTooLarge,
     from_backend,
 )
@@ -239,8 +240,11 @@ class UploadSessions:
     async def status(self, upload_id: str, lease: Lease) -> UploadStatus:
         """The durable state, finishing an upload whose bytes are all in (a crash between the
         last byte and the commit is completed here)."""
-        durable = await self._load(upload_id, lease)
-        await self._finish_if_all_in(durable, lease)
+        try:
+            durable = await self._load(upload_id, lease)
+            await self._finish_if_all_in(durable, lease)
+        except LeaseLost as exc:
+            raise UploadStatusUnsettled(f"upload {upload_id}: {exc}; try again", retry_after=1) from exc
         return self._status(durable)
 
     # -------------------------------------------------------------------------- append

@@ -43,6 +43,7 @@ CASES = [
     (se.StoreTimedOut("slow", retry_after=1.0), 504, "store_timeout", {"Retry-After": "1"}),
     (se.StoreUnavailable("down", retry_after=7.2), 503, "store_unavailable", {"Retry-After": "8"}),
     (se.StoreUnavailable("down"), 503, "store_unavailable", {"Retry-After": "1"}),
+    (se.UploadStatusUnsettled("lease lost", retry_after=1), 503, "upload_busy", {"Retry-After": "1"}),
     (se.StoreFull("no room"), 507, "store_full", {}),
     (se.StoreFailed("refused"), 502, "store_error", {}),
     (se.CorruptManifest("garbled"), 502, "corrupt_manifest", {}),

@@ -446,6 +446,55 @@ async def test_a_holder_cleared_as_stale_cannot_write() -> None:
     await store.close()
 
 
+class StallsTailListing(MemoryBackend):
+    """The next listing of an upload's tails waits for ``gate`` once ``armed``: a HEAD that
+    stalls between its two listings (long enough for its lease to go stale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.stalled = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def list(self, prefix: str = "", *, start_after: str | None = None) -> AsyncIterator[Any]:
+        if self.armed and prefix.startswith("u/") and "/t/" in prefix:
+            self.armed = False
+            self.stalled.set()
+            await self.gate.wait()
+        async for info in super().list(prefix, start_after=start_after):
+            yield info
+
+
+async def test_a_head_whose_lease_was_cleared_while_it_read_answers_503_not_409() -> None:
+    """A HEAD that lost its lease mid-read cannot report an offset (what it read may be torn),
+    but it must not answer 4xx either: tus-js-client takes a 4xx to HEAD as "the upload is gone",
+    forgets the upload and starts over. 503 with Retry-After: the upload is there, ask again."""
+    backend = StallsTailListing()
+    cfg = ServeConfig(chunk_size=CHUNK, max_upload_size=1 << 20, lock_timeout=5.0, lock_stale_after=0.3, body_timeout=10.0)
+    async with in_process_gateway(cfg, backend=backend) as (url, _app), aiohttp.ClientSession() as s:
+        location = await create(s, url, 3 * CHUNK, key="videos/head.bin")
+        data = payload(3 * CHUNK)
+        async with s.patch(location, headers=patch_headers(0), data=data[:CHUNK + 10]) as r:
+            assert r.status == 204
+        backend.armed = True
+        stalled_head = asyncio.ensure_future(s.head(location, headers=TUS))
+        await asyncio.wait_for(backend.stalled.wait(), timeout=5)
+        # Another client's HEAD clears the stalled one's lease as stale, then answers.
+        assert await asyncio.wait_for(offset_of(s, location), timeout=4) == CHUNK + 10
+        backend.gate.set()
+        r = await asyncio.wait_for(stalled_head, timeout=5)
+        assert r.status == 503, r.status
+        assert r.headers["Retry-After"] == "1"
+        assert "Upload-Offset" not in r.headers
+        r.release()
+        # Nothing was lost or changed: the upload goes on from where it was.
+        assert await offset_of(s, location) == CHUNK + 10
+        async with s.patch(location, headers=patch_headers(CHUNK + 10), data=data[CHUNK + 10:]) as r:
+            assert r.status == 204
+        async with s.get(url + "/objects/videos/head.bin") as g:
+            assert await g.read() == data
+
+
 async def test_gc_hook_protects_live_uploads_and_expires_stale_ones() -> None:
     from storage.uploads import gc_hook
 
