@@ -74,8 +74,9 @@ class UploadStatusUnsettled(StoreUnavailable):
     """A status read (HEAD) lost its lease on the upload before it could answer: the store
     stopped taking the lease's renewals, or another request cleared it as stale. What it read
     may be torn, so no offset is reported; nothing was written. HTTP 503 with Retry-After, not
-    the 409 a fenced PATCH gets: a tus client treats a 4xx to HEAD as "this upload is gone" and
-    starts over, where a 5xx is worth retrying."""
+    the 409 a fenced PATCH gets: a 4xx to HEAD says the upload cannot be resumed
+    (tus-js-client then removes it from its URL storage), a 503 that the store or a lock was in
+    the way this once (the upload is there; ask again)."""
 
     code = "upload_busy"
 

@@ -467,8 +467,8 @@ class StallsTailListing(MemoryBackend):
 
 async def test_a_head_whose_lease_was_cleared_while_it_read_answers_503_not_409() -> None:
     """A HEAD that lost its lease mid-read cannot report an offset (what it read may be torn),
-    but it must not answer 4xx either: tus-js-client takes a 4xx to HEAD as "the upload is gone",
-    forgets the upload and starts over. 503 with Retry-After: the upload is there, ask again."""
+    but it must not answer 4xx either: a 4xx to HEAD says the upload cannot be resumed
+    (tus-js-client removes it from its URL storage). 503 with Retry-After: it is there, ask again."""
     backend = StallsTailListing()
     cfg = ServeConfig(chunk_size=CHUNK, max_upload_size=1 << 20, lock_timeout=5.0, lock_stale_after=0.3, body_timeout=10.0)
     async with in_process_gateway(cfg, backend=backend) as (url, _app), aiohttp.ClientSession() as s:
