@@ -49,7 +49,11 @@ class Freezable:
         self.calls.append((op, key))
 
     async def _track(self, op: str, key: str, coro: Any) -> Any:
-        await self._gate(op, key)
+        try:
+            await self._gate(op, key)
+        except BaseException:
+            coro.close()  # cancelled while frozen: the call never reached the store
+            raise
         lease = key.startswith(keys.LEASE_PREFIX) and not key.endswith(".release")
         if lease:
             self.in_flight += 1
