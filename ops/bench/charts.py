@@ -152,7 +152,8 @@ def seek_latency(seek: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, label, colour in (("chunkgate", "chunkgate cold", "tab:blue"), ("chunkgate_same_chunk_repeat", "chunkgate, 2nd seek in the chunk", "tab:cyan"),
                                 ("direct", "direct from store (one large object)", "0.5"),
-                                ("direct_from_chunk_object", "direct from the same 8 MiB chunk object", "0.75")):
+                                ("direct_from_chunk_object", "direct from the same 8 MiB chunk object", "0.75"),
+                                ("direct_in_first_chunk", "direct, same offset in the large object's first 8 MiB", "tab:orange")):
         values = sorted(seek["samples_ms"].get(name, []))
         if values:
             ax.plot(values, [(n + 1) / len(values) for n in range(len(values))], label=label, color=colour)

@@ -85,10 +85,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# SeaweedFS splits a file into filer chunks of -filer.maxMB (4 MiB by default) and, for a file of a
-# few chunks, reads a whole filer chunk to answer any range of it: a 64 KiB range of an 8 MiB
-# object took 3.7 ms p50 here against 1.1 ms from a 256 MiB one; with -filer.maxMB=1 both took
-# 1.0-1.4 ms. The bench runs SeaweedFS as it comes; the README reports a run with
+# SeaweedFS (weed/filer/reader_pattern.go, SeqTolerance) treats a GET whose range starts within
+# 8 MiB of the object's start as a sequential read and fetches the whole -filer.maxMB filer chunk
+# (4 MiB by default) before it answers; further in, only the range. Measured here on one weed
+# mini, 64 KiB ranges of one 64 MiB object: offsets below 8 MiB 4.0-4.2 ms p50, beyond it 1.5 ms.
+# Every offset of an 8 MiB chunk object is in that window; with -filer.maxMB=1 the chunk it
+# fetches is 1 MiB (1.2 ms). The bench runs SeaweedFS as it comes; the README reports runs with
 # --weed-arg=-filer.maxMB=1 beside it (the peers run on the same server either way).
 WEED_ARGS: list[str] = []  # SeaweedFS as it comes; --weed-arg=-filer.maxMB=1 for the README's seek rows
 
