@@ -97,6 +97,13 @@ def random_workload(seed: int, *, max_ops: int = 40) -> Workload:
     return Workload(seed, settings, ops)
 
 
+def aims_at_chunk_writes(op: Op) -> bool:
+    """A crash op that waits for two chunk writes in flight before it strikes. Chosen by
+    (flag, n) rather than by a kind of its own, so the seeds the soak found bugs at keep meaning
+    the same workloads (a new kind would reshuffle every seed's ops)."""
+    return op.kind == "crash" and op.flag == 3 and op.n % 4 >= 2
+
+
 def random_op(rng: random.Random, keys_in_play: int = 3) -> Op:
     return Op(rng.choice(KINDS), rng.randrange(3), rng.randrange(keys_in_play) if rng.random() < 0.95 else 3,
               rng.randrange(400), rng.randrange(4))
@@ -126,6 +133,7 @@ class Driver:
         self.ops: list[OpRecord] = []
         self.running: list[tuple[OpRecord, asyncio.Task[Any]]] = []
         self.uploads: list[UploadModel] = []
+        self.aimed: list[tuple[Any, asyncio.TimerHandle]] = []  # armed crashes (aims_at_chunk_writes)
 
     # ------------------------------------------------------------------------- running
     def run(self) -> None:
@@ -165,6 +173,9 @@ class Driver:
             await self._start(op)
             await asyncio.sleep(self.rng.choice((0.0, 0.0, 0.001, 0.003, 0.01, 0.03, 0.2)))
             self.checker.step()
+        for disarm, timer in self.aimed:  # no crash after the workload: the final checks need every gateway
+            disarm()
+            timer.cancel()
         await self._quiesce()
         await self._final()
 
@@ -184,6 +195,9 @@ class Driver:
     async def _start(self, op: Op) -> None:
         kind = op.kind
         if kind == "crash":
+            if aims_at_chunk_writes(op):
+                self._aim_crash(op)
+                return
             old = self._gateway(op)
             self.world.crash(old.index)
             self.trace.append(f"    crashed {old.name}; started {self.world.gateways[old.index].name}")
@@ -209,6 +223,32 @@ class Driver:
         coro = getattr(self, f"_op_{kind}")(gw, record, op)
         task = gw.spawn(self._observe(record, coro), record.id)
         self.running.append((record, task))
+
+    def _aim_crash(self, op: Op, limit: float = 2.0) -> None:
+        """Arm every gateway to die at its next chunk write that starts while another of its
+        chunk writes is on the wire (one PATCH or PUT handing several chunks to its ChunkWriter):
+        that write lands and the earlier ones vanish -- chunk N+1 stored and chunk N not, the kill
+        the chaos test found with real processes. The first to get there dies and disarms the
+        rest; if none does within ``limit`` of virtual time, the op's gateway crashes then."""
+        armed = list(self.world.gateways)
+
+        def disarm() -> None:
+            for gw in armed:
+                gw.net.crash_between_chunks = None
+
+        def strike(gw: SimGateway, why: str) -> None:
+            disarm()
+            if self.world.gateways[gw.index] is gw:  # not already replaced by another crash
+                self.world.crash(gw.index)
+                self.trace.append(f"t={self.loop.time():9.3f}   crashed {gw.name} {why}; started {self.world.gateways[gw.index].name}")
+
+        for gw in armed:
+            gw.net.crash_between_chunks = lambda gw=gw: strike(gw, "between two chunk writes (the later landed)")
+        fallback = self._gateway(op)
+        self.aimed.append((disarm, self.loop.call_later(
+            limit, lambda: fallback.net.crash_between_chunks is not None
+            and strike(fallback, "(an aimed crash that found no two chunk writes in flight)"))))
+        self.trace.append(f"    crash aimed between two chunk writes of any of {[g.name for g in armed]}")
 
     async def _observe(self, record: OpRecord, coro: Any) -> None:
         try:

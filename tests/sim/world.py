@@ -131,7 +131,11 @@ class SimNet:
         self.retries_itself = retries_itself
         self.name = "sim"
         self.alive = True
-        self.in_flight: dict[asyncio.Task[Any], None] = {}  # ordered: the seed decides, not addresses
+        self.in_flight: dict[asyncio.Task[Any], str] = {}  # write -> its key; ordered: the seed decides, not addresses
+        # Armed by an aimed crash: called at this gateway's next chunk write that starts while
+        # another is on the wire; that write lands, the earlier ones vanish, the gateway dies.
+        self.crash_between_chunks: Callable[[], None] | None = None
+        self._landing: asyncio.Task[Any] | None = None
 
     def check_key(self, key: str) -> None:
         self.store.mem.check_key(key)
@@ -193,9 +197,17 @@ class SimNet:
 
         # The store's own task, outside any gateway: cancelling the caller does not stop it.
         task = asyncio.get_running_loop().create_task(land(), context=_outside())
-        self.in_flight[task] = None
+        self.in_flight[task] = key
         task.add_done_callback(lambda t: self.in_flight.pop(t, None))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if self.crash_between_chunks is not None and key.startswith(keys.CHUNK_PREFIX):
+            earlier = [t for t, k in self.in_flight.items() if t is not task and k.startswith(keys.CHUNK_PREFIX)]
+            if earlier:
+                strike, self.crash_between_chunks = self.crash_between_chunks, None
+                for t in earlier:
+                    t.cancel()  # still on the wire when the gateway died: never reaches the store
+                self._landing = task  # all of it reached the store: it lands
+                strike()
         result = await asyncio.shield(task)
         self._alive()  # crashed meanwhile: the answer never arrives
         await self._pause()
@@ -256,8 +268,9 @@ class SimNet:
     def crash(self) -> None:
         """The gateway dies: in-flight writes already on the wire land or vanish, by seed."""
         self.alive = False
+        self.crash_between_chunks = None
         for task in list(self.in_flight):
-            if self.rng.random() < 0.5:
+            if task is not self._landing and self.rng.random() < 0.5:
                 task.cancel()
 
 
