@@ -80,6 +80,8 @@ def test_quick_run_writes_a_result_with_passing_byte_checks(tmp_path: Path) -> N
         "put_get_sha256": True, "locks_fifo": True, "multirange_206": True, "listing_complete": True,
     }
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
+    # How fast SHA-256 ran on the machine at both ends of the run: what every CPU-s/GiB is read against.
+    assert 0 < result["machine"]["sha256_cpu_s_per_gib_start"] < 30 and 0 < result["machine"]["sha256_cpu_s_per_gib_end"] < 30
 
     cold = result["scenarios"]["cold"]
     assert cold["size"] == 16 * 1024 * 1024
@@ -120,3 +122,16 @@ def test_quick_run_writes_a_result_with_passing_byte_checks(tmp_path: Path) -> N
     assert {"ratios.png", "throughput.png", "put_rss.png", "cpu.png", "amplification.png"} <= charts
     for name in charts:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_tables_name_each_runs_hashing_floor_beside_the_cpu_figures() -> None:
+    from ops.bench.report import cpu
+
+    def run(floor: tuple[float, float], gateway: float, met: bool) -> dict[str, object]:
+        return {"machine": {"sha256_cpu_s_per_gib_start": floor[0], "sha256_cpu_s_per_gib_end": floor[1]},
+                "cpu": {"PUT 1GiB": {"chunkgate": {"median": gateway}, "boto3 client": {"median": 2.0}}},
+                "targets": [{"name": "PUT 1GiB gateway CPU", "goal_text": "<= 1.5", "met": met}]}
+
+    rows = cpu(run((0.61, 0.63), 1.40, True), run((0.70, 0.71), 1.55, False))
+    assert "| PUT 1GiB | 1.40 | 1.55 | boto3 client 2.00 (2.00) | <= 1.5 | one run |" in rows
+    assert rows[-1].endswith("0.61–0.63; 0.70–0.71."), rows[-1]

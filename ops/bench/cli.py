@@ -27,7 +27,7 @@ from typing import Any
 
 from gateway.config import parse_size
 from ops.bench import procs
-from ops.bench.measure import MiB
+from ops.bench.measure import MiB, sha256_floor
 from ops.bench.scenarios import (
     BY_NUMBER,
     NEEDS_STORE,
@@ -156,6 +156,7 @@ def machine_info() -> dict[str, Any]:
         "weed": _version(["weed", "version"]), "nginx": _version(["nginx", "-v"]), "curl": _version(["curl", "--version"]),
         "node": _version(["node", "--version"]), "tus_peer": tus_versions, "load_average_start": os.getloadavg(),
         "git_commit": _version(["git", "-C", str(procs.REPO_ROOT), "rev-parse", "HEAD"]),
+        "sha256_cpu_s_per_gib_start": sha256_floor(),
     }
 
 
@@ -171,6 +172,10 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
     for name, doc in result.get("cpu", {}).items():
         peers = ", ".join(f"{k} {v['median']:.2f}" for k, v in doc.items() if k != "chunkgate")
         lines.append(f"CPU-s/GiB {name[:34]:34} chunkgate {doc['chunkgate']['median']:.2f}" + (f"; {peers}" if peers else ""))
+    machine = result.get("machine", {})
+    if "sha256_cpu_s_per_gib_start" in machine:
+        lines.append(f"SHA-256 on this machine (the hashing floor): {machine['sha256_cpu_s_per_gib_start']:.2f} CPU-s/GiB "
+                     f"at the start, {machine.get('sha256_cpu_s_per_gib_end', float('nan')):.2f} at the end")
     lines.append(f"byte checks: {result['checks']}")
     if result["errors"]:
         lines.append(f"errors: {list(result['errors'])}")
@@ -228,6 +233,7 @@ def run(cfg: BenchConfig, ns: argparse.Namespace, out: Path) -> dict[str, Any]:
             shutil.copy(path, logs / path.name)
         shutil.rmtree(workdir, ignore_errors=True)
     result["machine"]["load_average_end"] = os.getloadavg()
+    result["machine"]["sha256_cpu_s_per_gib_end"] = sha256_floor()
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return result
 

@@ -208,6 +208,17 @@ GiB_BYTES = 1024 ** 3
 
 
 # ------------------------------------------------------------------------------ statistics
+def sha256_floor(mib: int = 256) -> float:
+    """CPU-seconds per GiB that hashlib's SHA-256 takes in this process now: the floor API.md
+    sets for every uploaded byte, and a yardstick of how fast this shared machine is during the
+    run (it drifts by 15% and more between runs here, and every CPU-s/GiB figure with it)."""
+    data = os.urandom(8 * 1024 * 1024)
+    started = time.process_time()
+    for _ in range(mib // 8):
+        hashlib.sha256(data).digest()
+    return round((time.process_time() - started) * 1024 / mib, 3)
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0..100), linear between closest ranks."""
     ordered = sorted(values)

@@ -56,7 +56,18 @@ def cpu(final: dict[str, Any], second: dict[str, Any] | None) -> list[str]:
         goal = limit["goal_text"] if limit else "–"
         met = _met(limit["met"] if limit else None, other_limit["met"] if other_limit else None)
         rows.append(f"| {name} | {doc['chunkgate']['median']:.2f} | {again} | {peers} | {goal} | {met} |")
+    floors = [_floor(r) for r in (final, second) if r is not None and _floor(r)]
+    if floors:
+        rows += ["", "SHA-256 on the machine during each run (CPU-s/GiB, start–end; every figure above moves "
+                 "with it): " + "; ".join(floors) + "."]
     return rows
+
+
+def _floor(result: dict[str, Any]) -> str:
+    machine = result.get("machine", {})
+    if "sha256_cpu_s_per_gib_start" not in machine:
+        return ""
+    return f"{machine['sha256_cpu_s_per_gib_start']:.2f}–{machine.get('sha256_cpu_s_per_gib_end', float('nan')):.2f}"
 
 
 def targets(final: dict[str, Any], second: dict[str, Any] | None) -> list[str]:
