@@ -98,9 +98,9 @@ def random_workload(seed: int, *, max_ops: int = 40) -> Workload:
 
 
 def aims_at_chunk_writes(op: Op) -> bool:
-    """A crash op that waits for two chunk writes in flight before it strikes. Chosen by
-    (flag, n) rather than by a kind of its own, so the seeds the soak found bugs at keep meaning
-    the same workloads (a new kind would reshuffle every seed's ops)."""
+    """A crash op aimed between two chunk writes (``Driver._aim_crash``) instead of striking at
+    once. Chosen by (flag, n) rather than by a kind of its own, so the seeds the soak found bugs
+    at keep meaning the same workloads (a new kind would reshuffle every seed's ops)."""
     return op.kind == "crash" and op.flag == 3 and op.n % 4 >= 2
 
 
