@@ -126,6 +126,8 @@ class Appender:
         """Wait for the chunk writes; keep the contiguous run that succeeded. True if all did."""
         results = await self.writer.results()
         ok = True
+        # A chunk stored beyond a gap is not part of the offset, and stays where it is: the
+        # rewrite adopts it (ChunkWriter adopt), and a delete of it could land after that rewrite.
         for n, result in enumerate(results):
             index = self.first_index + n
             if isinstance(result, ChunkRef) and ok:
@@ -135,11 +137,7 @@ class Appender:
                         self.durable.record.blocks[index] = list(result.blocks)
                     ck = keys.chunk_key(self.durable.record.key, self.durable.record.version, index)
                     self.durable.chunks.append(ObjectInfo(ck, result.size, "", datetime.now(timezone.utc)))
-            elif isinstance(result, ChunkRef):
-                # Beyond a gap it is not part of the offset. It stays: the rewrite adopts it
-                # (ChunkWriter adopt), and a delete of it could land after that rewrite.
-                pass
-            else:
+            elif not isinstance(result, ChunkRef):
                 if ok:
                     log.warning("upload %s: chunk %d was not stored: %s", self.durable.record.id, index, result)
                     self.error = result
