@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ops.bench.cli import WEED_ARGS, weed_args
 from ops.bench.measure import Comparison, alternate, percentile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +58,22 @@ def test_alternate_swaps_who_goes_first_each_round() -> None:
     assert order == ["peer0", "ours0", "ours1", "peer1", "peer2", "ours2", "ours3", "peer3"]
 
 
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (None, WEED_ARGS),  # the production volume size unless told otherwise
+        (["-filer.maxMB=1"], [*WEED_ARGS, "-filer.maxMB=1"]),
+        (["-master.volumeSizeLimitMB=128"], ["-master.volumeSizeLimitMB=128"]),  # same flag: replaced
+        ([""], []),  # --weed-arg= : weed mini as it comes
+        (["", "-filer.maxMB=1"], ["-filer.maxMB=1"]),
+    ],
+)
+def test_weed_args_replace_a_default_flag_of_the_same_name_and_an_empty_one_drops_them(
+        given: list[str] | None, expected: list[str]) -> None:
+    assert "-master.volumeSizeLimitMB=30000" in WEED_ARGS
+    assert weed_args(given) == expected
+
+
 @pytest.mark.seaweedfs
 @pytest.mark.slow
 @pytest.mark.timeout(260)
@@ -75,6 +92,9 @@ def test_quick_run_writes_a_result_with_passing_byte_checks(tmp_path: Path) -> N
 
     assert result["errors"] == {}
     assert set(result["scenarios"]) == {"cold", "warm", "put", "locks", "amplify"}
+    # SeaweedFS ran with the production volume size, and its own log (volume fills) is kept.
+    assert result["machine"]["weed_args"] == WEED_ARGS
+    assert (out / "logs" / "seaweedfs-INFO.log").read_text().startswith("Log file created at")
     assert result["checks"] == {
         "cold_get_sizes": True, "warm_get_sha256": True, "warm_get_all_cache_hits": True,
         "put_get_sha256": True, "locks_fifo": True, "multirange_206": True, "listing_complete": True,

@@ -80,7 +80,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="record the gateway with py-spy during each timed section (collapsed stacks + top frames in the result)")
     parser.add_argument("--gateway-arg", action="append", default=[], help="extra argument for chunkgate serve")
     parser.add_argument("--weed-arg", action="append", default=None,
-                        help="extra flag for weed mini (repeatable), e.g. -filer.maxMB=1 (see WEED_ARGS)")
+                        help="flag for weed mini (repeatable), e.g. -filer.maxMB=1; it replaces a WEED_ARGS flag of the "
+                             "same name, and --weed-arg= runs weed mini as it comes")
     parser.add_argument("--redraw", type=Path, default=None, help="only redraw the charts of a saved result.json")
     return parser.parse_args(argv)
 
@@ -90,13 +91,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # (4 MiB by default) before it answers; further in, only the range. Measured here on one weed
 # mini, 64 KiB ranges of one 64 MiB object: offsets below 8 MiB 4.0-4.2 ms p50, beyond it 1.5 ms.
 # Every offset of an 8 MiB chunk object is in that window; with -filer.maxMB=1 the chunk it
-# fetches is 1 MiB (1.2 ms). The bench runs SeaweedFS as it comes; the README reports runs with
-# --weed-arg=-filer.maxMB=1 beside it (the peers run on the same server either way).
-WEED_ARGS: list[str] = []  # SeaweedFS as it comes; --weed-arg=-filer.maxMB=1 for the README's seek rows
+# fetches is 1 MiB (1.2 ms). The README reports runs with --weed-arg=-filer.maxMB=1 beside the
+# table (the peers run on the same server either way).
+#
+# Volumes: `weed mini` sizes them at disk/100, capped at 1 GiB (weed/command/mini.go,
+# calculateOptimalVolumeSizeMB), where `weed master` defaults to 30000 MB. Each time a bucket's
+# volume fills, SeaweedFS grows the next one and every PUT in flight to that bucket waits ~1.1 s
+# (the INFO log's "reaches full capacity", copied into the result's logs/). With 1 GiB volumes
+# a fill lands inside whichever timed transfer happens to be running when the bucket's running
+# total passes a GiB: it moved tus vs boto3 between 0.80x and 1.00x on one commit. So the bench
+# runs SeaweedFS with the production volume size; --weed-arg= (empty) runs weed mini as it comes.
+WEED_ARGS: list[str] = ["-master.volumeSizeLimitMB=30000"]
 
 
-def weed_args(ns: argparse.Namespace) -> list[str]:
-    return WEED_ARGS if ns.weed_arg is None else [a for a in ns.weed_arg if a]
+def weed_args(given: Sequence[str] | None) -> list[str]:
+    """The flags ``weed mini`` runs with: WEED_ARGS, each replaced by a ``--weed-arg`` of the same
+    flag, then the other ``--weed-arg`` flags; an empty ``--weed-arg=`` drops WEED_ARGS."""
+    given = list(given or [])
+    extra = [a for a in given if a]
+    named = {a.split("=", 1)[0] for a in extra}
+    base = [] if "" in given else [a for a in WEED_ARGS if a.split("=", 1)[0] not in named]
+    return base + extra
 
 
 def build_config(ns: argparse.Namespace) -> BenchConfig:
@@ -195,8 +210,8 @@ def run(cfg: BenchConfig, ns: argparse.Namespace, out: Path) -> dict[str, Any]:
             ctx = Context(cfg=cfg, workdir=workdir, datadir=datadir, stack=stack)
             if NEEDS_STORE & set(cfg.scenarios):
                 log("starting SeaweedFS")
-                ctx._store = procs.start_seaweedfs(workdir, args=weed_args(ns))
-                result["machine"]["weed_args"] = weed_args(ns)
+                ctx._store = procs.start_seaweedfs(workdir, args=weed_args(ns.weed_arg))
+                result["machine"]["weed_args"] = weed_args(ns.weed_arg)
                 stack.callback(ctx._store.stop)
                 ctx.s3 = procs.s3_client(ctx.store.url)
                 for bucket in (ctx.raw_bucket, ctx.gw_bucket, ctx.tus_bucket):
@@ -231,6 +246,8 @@ def run(cfg: BenchConfig, ns: argparse.Namespace, out: Path) -> dict[str, Any]:
         logs.mkdir(parents=True, exist_ok=True)
         for path in workdir.glob("*.log"):
             shutil.copy(path, logs / path.name)
+        for path in (workdir / procs.WEED_GLOG_DIR).glob("weed.*.log.*.*"):  # the files, not glog's links
+            shutil.copy(path, logs / f"seaweedfs-{path.name.split('.log.', 1)[1].split('.', 1)[0]}.log")
         shutil.rmtree(workdir, ignore_errors=True)
     result["machine"]["load_average_end"] = os.getloadavg()
     result["machine"]["sha256_cpu_s_per_gib_end"] = sha256_floor()

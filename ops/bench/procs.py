@@ -151,6 +151,9 @@ def _wait_tcp(port: int, proc: Proc, timeout: float) -> None:
 
 
 # ------------------------------------------------------------------------------ the servers
+WEED_GLOG_DIR = "weed-glog"
+
+
 def start_seaweedfs(workdir: Path, *, args: Sequence[str] = (), timeout: float = 90.0) -> Proc:
     """``weed mini`` (master, volume, filer, S3 in one process) with every port free; ``args``
     are extra ``weed mini`` flags (the bench's ``--weed-arg``)."""
@@ -160,7 +163,11 @@ def start_seaweedfs(workdir: Path, *, args: Sequence[str] = (), timeout: float =
     data_dir = workdir / "weed"
     data_dir.mkdir()
     cmd, s3_url = seaweed.weed_mini_command(weed, data_dir)
-    cmd += list(args)
+    # glog's own files (INFO: volume fills and grows, the cause of upload stalls) go to the work
+    # directory, which the bench copies into the result's logs/, not to /tmp.
+    glog_dir = workdir / WEED_GLOG_DIR
+    glog_dir.mkdir()
+    cmd = [cmd[0], f"-logdir={glog_dir}", *cmd[1:], *args]
     # With AWS_ACCESS_KEY_ID in its environment weed mini creates that identity and turns auth
     # on, which ends the anonymous GETs the curl and nginx peers rely on.
     proc = _spawn("seaweedfs", cmd, workdir, cwd=data_dir,
