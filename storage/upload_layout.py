@@ -13,6 +13,15 @@ contiguous full chunks from index 0, plus the tail that continues them. There is
 anywhere, so whatever a crash leaves behind, the next request reports exactly the bytes that are
 durable and accepts the rest.
 
+Which chunks are stored is read from the record as far as it vouches for them
+(``recorded_chunks``), and from a listing past them: a chunk gets into the record's ``hashes``
+only after it was written and read back, and a chunk key below the offset is deleted only once
+the record is in a terminal state (a request's own rewrite, ``ChunkWriter`` adopt, touches only
+keys at or above the offset it loaded; gc spares the versions of live uploads). Listing
+every chunk instead made each PATCH and HEAD cost time in proportion to the upload so far: on
+SeaweedFS a listing of 1,000 chunk keys (an 8 GiB upload) took 136 ms, one past the recorded
+chunks 2 ms (ops/bench, issue 15).
+
 Must never: import aiohttp or ``gateway``; count a byte in an offset that is not in the store.
 """
 
@@ -21,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Awaitable, TypeVar
 
 from storage import keys
@@ -81,6 +91,24 @@ def tail_key(upload_id: str, index: int) -> str:
 
 def lock_key(upload_id: str) -> str:
     return f"upload:{upload_id}"
+
+
+def recorded_chunks(record: UploadRecord) -> list[ObjectInfo]:
+    """Pure: the chunks the record vouches for, from index 0 while each has a recorded hash (a
+    chunk is recorded only once stored and read back): full chunks, and a short final one where
+    the declared length ends inside it. A listing past the last of them finds the rest."""
+    out: list[ObjectInfo] = []
+    cs, length = record.chunk_size, record.length
+    when = datetime.fromtimestamp(record.created, timezone.utc)
+    while len(out) in record.hashes:
+        index = len(out)
+        size = cs if length is None else min(cs, length - index * cs)
+        if size <= 0:
+            break
+        out.append(ObjectInfo(keys.chunk_key(record.key, record.version, index), size, "", when))
+        if size < cs:
+            break
+    return out
 
 
 def durable_layout(record: UploadRecord, chunks: list[ObjectInfo],

@@ -66,6 +66,7 @@ from storage.upload_layout import (
     info_key,
     lock_key,
     new_upload_id,
+    recorded_chunks,
     summary,
     tail_key,
     tail_prefix,
@@ -438,9 +439,9 @@ class UploadSessions:
         async for info in self.listing(prefix):
             yield info.key
 
-    async def listing(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+    async def listing(self, prefix: str, *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
         try:
-            async for info in self.backend.list(prefix):
+            async for info in self.backend.list(prefix, start_after=start_after):
                 yield info
         except (TransientError, PermanentError) as exc:
             raise from_backend(exc, f"listing {prefix}") from exc
@@ -452,7 +453,10 @@ class UploadSessions:
             raise UploadGone(f"upload {upload_id} was {'terminated' if record.state is UploadState.ABORTED else 'expired'}")
         if record.state is UploadState.COMPLETE:
             return DurableUpload(record, etag, [], None, [])
-        chunks = [i async for i in self.listing(keys.chunk_prefix(record.key, record.version))]
+        # The chunks the record vouches for, and a listing past them (storage.upload_layout).
+        chunks = recorded_chunks(record)
+        after = chunks[-1].key if chunks else None
+        chunks += [i async for i in self.listing(keys.chunk_prefix(record.key, record.version), start_after=after)]
         tails = [i async for i in self.listing(tail_prefix(upload_id))]
         # What was read counts only if no other request could have changed it meanwhile: a
         # holder stalled past its lease may have listed the chunks before a takeover's

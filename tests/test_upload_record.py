@@ -11,7 +11,7 @@ import pytest
 from storage import keys
 from storage.backends.base import ObjectInfo
 from storage.errors import StoreFailed
-from storage.upload_layout import DurableUpload, durable_layout, removable, tail_key
+from storage.upload_layout import DurableUpload, durable_layout, recorded_chunks, removable, tail_key
 from storage.upload_record import NEXT, UploadRecord, UploadState, expired, overdue
 
 CS = 100
@@ -58,6 +58,44 @@ def test_durable_layout(name: str, length: int | None, sizes: tuple[int | None, 
     good, t, left = durable_layout(record(length), chunks(sizes), tails(*tail) if tail else [])
     assert sum(i.size for i in good) + (t.size if t else 0) == offset
     assert len(left) == debris
+
+
+RECORDED = [
+    # (name, length, recorded indices, sizes the record vouches for)
+    ("nothing recorded", 250, (), ()),
+    ("full chunks from 0", 250, (0, 1), (100, 100)),
+    ("the short final chunk ends at the length", 250, (0, 1, 2), (100, 100, 50)),
+    ("a gap ends what it vouches for (a listing finds the rest)", 350, (0, 2), (100,)),
+    ("deferred length: full chunks only", None, (0, 1, 2), (100, 100, 100)),
+    ("nothing past the declared end", 200, (0, 1, 2), (100, 100)),
+]
+
+
+@pytest.mark.parametrize(("name", "length", "recorded", "sizes"), RECORDED, ids=[c[0] for c in RECORDED])
+def test_recorded_chunks(name: str, length: int | None, recorded: tuple[int, ...], sizes: tuple[int, ...]) -> None:
+    r = record(length)
+    r.hashes = {i: f"h{i}" for i in recorded}
+    got = recorded_chunks(r)
+    assert [i.size for i in got] == list(sizes)
+    assert [i.key for i in got] == [keys.chunk_key(r.key, r.version, i) for i in range(len(sizes))]
+
+
+@pytest.mark.parametrize(("name", "length", "sizes", "tail", "offset", "debris"), CASES, ids=[c[0] for c in CASES])
+def test_the_recorded_chunks_and_a_listing_past_them_give_the_layout_of_a_full_listing(
+        name: str, length: int | None, sizes: tuple[int | None, ...], tail: tuple[int, int] | None,
+        offset: int, debris: int) -> None:
+    """What a request records is the contiguous run it found good, so for every stored layout,
+    the record's chunks plus a listing past them decide the same offset and debris."""
+    r = record(length)
+    stored = chunks(sizes)
+    good, _, _ = durable_layout(r, stored, [])
+    r.hashes = {n: f"h{n}" for n in range(len(good))}
+    vouched = recorded_chunks(r)
+    past = [i for i in stored if not vouched or i.key > vouched[-1].key]
+    full = durable_layout(r, stored, tails(*tail) if tail else [])
+    split = durable_layout(r, vouched + past, tails(*tail) if tail else [])
+    assert [i.key for i in split[0]] == [i.key for i in full[0]] and [i.size for i in split[0]] == [i.size for i in full[0]]
+    assert split[1] == full[1] and split[2] == full[2]
 
 
 REMOVABLE = [
