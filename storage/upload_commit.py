@@ -55,6 +55,29 @@ class UploadCommitter:
             await self._abort(durable, lease, f"could not be committed: {exc}")
             raise
 
+    async def _check_stored(self, durable: DurableUpload, lease: Lease) -> None:
+        """Every chunk the manifest is to name is in the store, at its size: one listing per
+        commit. Other requests take the record's word for the chunks it recorded
+        (``recorded_chunks``); a chunk deleted behind the upload's back is found here, before a
+        manifest names it. Still receiving: the record forgets it and everything after it, and
+        the client is asked to send from there (409; HEAD gives the offset). In ``committing``
+        no more bytes can come: the upload is aborted."""
+        record = durable.record
+        prefix = keys.chunk_prefix(record.key, record.version)
+        stored = {info.key: info.size async for info in self.sessions.listing(prefix)}
+        for index, info in enumerate(durable.chunks):
+            if stored.get(info.key) == info.size:
+                continue
+            log.error("upload %s: chunk %d (%s) is not in the store as recorded", record.id, index, info.key)
+            if record.state is UploadState.COMMITTING:
+                await self._abort(durable, lease, f"chunk {index} was lost before it could be committed")
+                raise StoreFailed(f"upload {record.id} lost data before it could be committed")
+            record.hashes = {i: h for i, h in record.hashes.items() if i < index}
+            record.blocks = {i: b for i, b in record.blocks.items() if i < index}
+            await self.sessions.put_record(durable, lease)
+            raise UploadConflict(f"chunk {index} of upload {record.id} is missing from the store; "
+                                 f"ask HEAD for the offset and send the rest again")
+
     async def _manifest(self, durable: DurableUpload, lease: Lease) -> Manifest:
         """The manifest of the upload's version from its durable chunks: the saved tail becomes
         the final chunk, and chunks a dead request wrote without recording are hashed once."""
@@ -130,6 +153,7 @@ class UploadCommitter:
                         # Not committed, yet bytes are missing: the data is gone (deleted by hand?)
                         await self._abort(durable, lease, "lost data before it could be committed")
                         raise StoreFailed(f"upload {record.id} lost data before it could be committed")
+                    await self._check_stored(durable, lease)
                     manifest = await self._manifest(durable, lease)
                 if not (record.state is UploadState.COMMITTING and record.replaces_known):
                     record.enter(UploadState.COMMITTING, self.sessions.clock())

@@ -645,3 +645,30 @@ async def test_a_patch_late_in_a_long_upload_lists_only_the_chunks_past_those_re
             assert r.status == 204 and r.headers["Upload-Offset"] == str(48 * CHUNK)
         async with s.get(url + "/objects/videos/long.bin") as r:
             assert r.status == 200 and await r.read() == data
+
+
+async def test_a_chunk_deleted_behind_an_uploads_back_is_sent_again_not_named_by_its_manifest() -> None:
+    """Requests take the record's word for the chunks it recorded; the commit checks them
+    against the store once. A recorded chunk gone from the store (deleted by hand, or by a bug
+    elsewhere) makes the last PATCH answer 409 instead of committing a manifest that names it;
+    HEAD then gives the offset where the lost chunk began, and sending from there completes the
+    upload with every byte."""
+    cfg = ServeConfig(chunk_size=CHUNK, max_upload_size=1 << 20, body_timeout=10.0)
+    async with in_process_gateway(cfg) as (url, app), aiohttp.ClientSession() as s:
+        location = await create(s, url, 4 * CHUNK + 100, key="videos/lost.bin")
+        data = payload(4 * CHUNK + 100)
+        async with s.patch(location, headers=patch_headers(0), data=data[:3 * CHUNK]) as r:
+            assert r.status == 204
+        upload_id = location.rsplit("/", 1)[1]
+        backend = app["store"].backend
+        record = json.loads((await backend.get(f"u/{upload_id}/info")).data)
+        await backend.delete(keys_mod.chunk_key("videos/lost.bin", record["version"], 1))
+        async with s.patch(location, headers=patch_headers(3 * CHUNK), data=data[3 * CHUNK:]) as r:
+            assert r.status == 409, await r.text()
+        async with s.get(url + "/objects/videos/lost.bin") as r:
+            assert r.status == 404  # nothing committed
+        assert await offset_of(s, location) == CHUNK
+        async with s.patch(location, headers=patch_headers(CHUNK), data=data[CHUNK:]) as r:
+            assert r.status == 204 and r.headers["Upload-Offset"] == str(len(data))
+        async with s.get(url + "/objects/videos/lost.bin") as r:
+            assert r.status == 200 and await r.read() == data
