@@ -23,7 +23,7 @@ from storage.errors import UploadConflict, UploadTooLarge
 from storage.locks import Lease
 from storage.manifest import ChunkRef
 from storage.objects import ChunkWriter
-from storage.upload_layout import DurableUpload, guarded, index_of, tail_key
+from storage.upload_layout import Digests, DurableUpload, digests_doc, digests_key, guarded, index_of, tail_key
 from storage.upload_record import UploadState
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class Appender:
         self.error: BaseException | None = None
         self.expected = expected  # what the key held when this PATCH started: recorded at its first byte
         self.recorded = False
+        self.new_digests: Digests = {}  # block digests of the chunks this request recorded
 
     async def receive(self, body: AsyncIterable[bytes], *, offset: int, limit: int,
                       hasher: hashlib._Hash | None) -> BaseException | None:
@@ -134,7 +135,7 @@ class Appender:
                 if index >= len(self.durable.chunks):
                     self.durable.record.hashes[index] = result.sha256 or ""
                     if result.blocks is not None:
-                        self.durable.record.blocks[index] = list(result.blocks)
+                        self.new_digests[index] = (result.sha256 or "", list(result.blocks))
                     ck = keys.chunk_key(self.durable.record.key, self.durable.record.version, index)
                     self.durable.chunks.append(ObjectInfo(ck, result.size, "", datetime.now(timezone.utc)))
             elif not isinstance(result, ChunkRef):
@@ -164,6 +165,18 @@ class Appender:
         self.saved_tail = len(data)
         if old is not None and old.key != key:
             await self.sessions.remove([old.key], lease)
+
+    async def _save_digests(self) -> None:
+        """The block digests of the chunks this request recorded go into a segment of their own,
+        before the record that records the chunks: the record, which every request reads and
+        rewrites, stays small (inline, the digests made it ~1.2 KB per 8 MiB chunk: 1.2 MB at
+        1,000 chunks, 15 ms to parse), and the commit reads the segments once."""
+        if not self.new_digests:
+            return
+        key = digests_key(self.durable.record.id, min(self.new_digests))
+        self.lease.check()
+        await guarded("saving the upload's block digests", self.sessions.backend.put(key, digests_doc(self.new_digests)))
+        self.new_digests = {}
 
     async def save(self, *, lost: bool) -> None:
         """Make everything received durable: the final short chunk as a chunk when the upload
@@ -195,6 +208,7 @@ class Appender:
         if self.received or durable.debris:
             await self.sessions.remove(durable.debris, self.lease)
             durable.debris = []
+        await self._save_digests()
         now = self.sessions.clock()
         if record.state is UploadState.PENDING and self.received:
             record.enter(UploadState.RECEIVING, now)

@@ -11,6 +11,7 @@ upload whose manifest may be committed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ from storage.locks import Lease
 from storage.manifest import ChunkRef, Manifest, block_count
 from storage.manifests import Contention, Event, Outcome, identity, version_of
 from storage.objects import ChunkWriter, CommitAttempt, sha256_hex
-from storage.upload_layout import DurableUpload, guarded, tail_prefix
+from storage.upload_layout import Digests, DurableUpload, digests_prefix, guarded, parse_digests
 from storage.upload_record import UploadRecord, UploadState
 
 if TYPE_CHECKING:
@@ -78,6 +79,22 @@ class UploadCommitter:
             raise UploadConflict(f"chunk {index} of upload {record.id} is missing from the store; "
                                  f"ask HEAD for the offset and send the rest again")
 
+    async def _digest_segments(self, record: UploadRecord) -> dict[tuple[int, str], list[str]]:
+        """The block digests the upload's requests saved beside its record (``Appender``), by
+        chunk index and SHA-256; read once, a few at a time."""
+        found: dict[tuple[int, str], list[str]] = {}
+        slots = asyncio.Semaphore(8)
+
+        async def read(key: str) -> Digests:
+            async with slots:
+                return parse_digests((await guarded("reading the upload's block digests", self.sessions.backend.get(key))).data)
+
+        segment_keys = [k async for k in self.sessions.store_keys(digests_prefix(record.id))]
+        for entries in await asyncio.gather(*(read(k) for k in segment_keys)):
+            for index, (sha256, blocks) in entries.items():
+                found[(index, sha256)] = blocks
+        return found
+
     async def _manifest(self, durable: DurableUpload, lease: Lease) -> Manifest:
         """The manifest of the upload's version from its durable chunks: the saved tail becomes
         the final chunk, and chunks a dead request wrote without recording are hashed once."""
@@ -102,6 +119,7 @@ class UploadCommitter:
             ck = keys.chunk_key(record.key, record.version, ref.index)
             durable.chunks.append(ObjectInfo(ck, ref.size, "", datetime.now(timezone.utc)))
             durable.tail = None
+        segments = await self._digest_segments(record)
         refs: list[ChunkRef] = []
         offset = 0
         for index, info in enumerate(durable.chunks):
@@ -113,7 +131,11 @@ class UploadCommitter:
                     raise StoreUnavailable(f"short read of {info.key}")
                 digest = await sha256_hex(blob.data)
                 record.hashes[index] = digest
-            blocks = record.blocks.get(index)
+            blocks = record.blocks.get(index)  # inline: records of earlier releases, and the final chunk
+            if blocks is None:
+                # By the chunk's SHA-256 too: a segment of a request whose client sent other bytes
+                # for this offset (the chunk was replaced since) does not count.
+                blocks = segments.get((index, digest))
             block_size = self.sessions.store.options.block_size
             if blocks is not None and len(blocks) != block_count(info.size, block_size):
                 blocks = None  # recorded under another block size: seeks fall back to the whole chunk
@@ -199,7 +221,7 @@ class UploadCommitter:
         self.sessions.stats.aborted += 1
         log.warning("upload %s aborted: %s", record.id, why)
         if may_be_named:
-            await self.sessions.remove([k async for k in self.sessions.store_keys(tail_prefix(record.id))], lease)
+            await self.sessions.remove(await self.sessions.leftovers(record.id), lease)
         else:
             await self.sessions.delete_data(record, lease)
 
@@ -210,6 +232,6 @@ class UploadCommitter:
         self.sessions.stats.completed += 1
         # Tails only: the version's chunks are the object's now (or were, and are deleted with
         # it), and chunks left beyond them by a stale writer are unreferenced: gc takes them.
-        await self.sessions.remove([k async for k in self.sessions.store_keys(tail_prefix(record.id))], lease)
+        await self.sessions.remove(await self.sessions.leftovers(record.id), lease)
         durable.debris = []
         durable.tail = None

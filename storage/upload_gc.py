@@ -13,7 +13,7 @@ import json
 from storage import keys
 from storage.backends.base import Backend, NotFound, PreconditionFailed
 from storage.errors import StoreFailed
-from storage.upload_layout import info_key, tail_prefix, valid_upload_id
+from storage.upload_layout import info_key, leftover_prefixes, valid_upload_id
 from storage.upload_record import TERMINAL_STATES, UploadRecord, UploadState, expired
 
 
@@ -72,7 +72,8 @@ class UploadsGcHook:
                 count -= 1  # a gateway touched it meanwhile: not expired after all
                 continue
             doomed = [i.key async for i in self.backend.list(keys.chunk_prefix(record.key, record.version))]
-            doomed += [i.key async for i in self.backend.list(tail_prefix(record.id))]
+            for prefix in leftover_prefixes(record.id):
+                doomed += [i.key async for i in self.backend.list(prefix)]
             for k in doomed:
                 await self.backend.delete(k)
         return count

@@ -4,6 +4,8 @@ Layout (under ``keys.UPLOAD_PREFIX``)::
 
     u/<id>/info                 the session record (``storage.upload_record``)
     u/<id>/t/<index:08d>        the partly filled chunk ``index`` (the "tail"), bytes only
+    u/<id>/b/<first:08d>-<rand> the block digests of the chunks one request recorded (a "digest
+                                segment", ``digests_doc``), read once by the commit
     c/.../<key id>/<version>/<index:08d>
                                 full chunks, written create-only as the chunks of the object
                                 version the upload will commit (``keys.chunk_key``)
@@ -27,6 +29,7 @@ Must never: import aiohttp or ``gateway``; count a byte in an offset that is not
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -87,6 +90,40 @@ def tail_prefix(upload_id: str) -> str:
 
 def tail_key(upload_id: str, index: int) -> str:
     return f"{tail_prefix(upload_id)}{index:08d}"
+
+
+def digests_prefix(upload_id: str) -> str:
+    return f"{keys.UPLOAD_PREFIX}{upload_id}/b/"
+
+
+def digests_key(upload_id: str, first: int) -> str:
+    """A new digest segment's key: never written twice (a retry of the same chunks writes another)."""
+    return f"{digests_prefix(upload_id)}{first:08d}-{os.urandom(4).hex()}"
+
+
+def leftover_prefixes(upload_id: str) -> tuple[str, str]:
+    """Where an upload keeps what is neither its record nor its chunks (tails, digest segments):
+    all of it goes when the upload ends."""
+    return tail_prefix(upload_id), digests_prefix(upload_id)
+
+
+Digests = dict[int, tuple[str, list[str]]]  # chunk index -> (its SHA-256, its block digests)
+
+
+def digests_doc(entries: Digests) -> bytes:
+    """Pure: a digest segment's bytes."""
+    doc = {"chunks": {str(i): {"sha256": h, "blocks": b} for i, (h, b) in sorted(entries.items())}}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def parse_digests(data: bytes) -> Digests:
+    """Pure: a digest segment's entries; a damaged one yields none (its chunks' seeks then
+    verify whole chunks, as for chunks a killed request stored unrecorded)."""
+    try:
+        doc = json.loads(data)
+        return {int(i): (str(e["sha256"]), [str(h) for h in e["blocks"]]) for i, e in doc["chunks"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def lock_key(upload_id: str) -> str:

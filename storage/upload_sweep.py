@@ -23,7 +23,6 @@ from storage.upload_layout import (
     guarded,
     info_key,
     lock_key,
-    tail_prefix,
     valid_upload_id,
 )
 from storage.upload_layout import summary as summary_of
@@ -103,7 +102,7 @@ class UploadSweeper:
                 if record.state is not UploadState.COMPLETE:
                     await sessions.delete_data(record, lease)  # in case a crash interrupted it
                 else:  # a tail a stalled request wrote after the upload completed
-                    await sessions.remove([k async for k in sessions.store_keys(tail_prefix(upload_id))], lease)
+                    await sessions.remove(await sessions.leftovers(upload_id), lease)
                 lease.check()
                 await guarded("deleting an upload record", sessions.backend.delete(info_key(upload_id)))
                 sessions.index.forget(upload_id)
@@ -133,7 +132,7 @@ class UploadSweeper:
             upload_id, _, tail = rest.partition("/")
             if tail == "info" and valid_upload_id(upload_id):
                 listed[upload_id] = info.etag
-            elif tail.startswith("t/"):
+            elif tail.startswith(("t/", "b/")):  # a tail or a digest segment: left over if the record is gone
                 tails.setdefault(upload_id, []).append(info)
         read: list[UploadSummary] = []
         slots = asyncio.Semaphore(_SCAN_READS)  # after a restart every record is read once: not one by one
@@ -168,7 +167,7 @@ class UploadSweeper:
         return listed, tails
 
     async def _sweep_orphan_tails(self, tails: dict[str, list[ObjectInfo]], records: set[str], now: float) -> None:
-        """Tails whose upload record is gone (a write delayed on the wire landed after the
+        """Tails (and digest segments) whose upload record is gone (a write delayed on the wire landed after the
         upload ended and was swept): nobody can resume them, so they go once old enough that
         the record is surely not just being created."""
         for upload_id, infos in tails.items():

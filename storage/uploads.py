@@ -64,6 +64,7 @@ from storage.upload_layout import (
     removable,
     guarded,
     info_key,
+    leftover_prefixes,
     lock_key,
     new_upload_id,
     recorded_chunks,
@@ -435,6 +436,10 @@ class UploadSessions:
         self.index.note(summary(record, blob.etag))
         return record, blob.etag
 
+    async def leftovers(self, upload_id: str) -> list[str]:
+        """The upload's stored keys besides its record and chunks: tails and digest segments."""
+        return [k for prefix in leftover_prefixes(upload_id) async for k in self.store_keys(prefix)]
+
     async def store_keys(self, prefix: str) -> AsyncIterator[str]:
         async for info in self.listing(prefix):
             yield info.key
@@ -497,7 +502,7 @@ class UploadSessions:
         the chunks of a version that the key's record names (belt and braces: a commit whose
         outcome was unknown may have landed after all)."""
         assert record.state not in (UploadState.COMPLETE, UploadState.COMMITTING)
-        doomed = [k async for k in self.store_keys(tail_prefix(record.id))]
+        doomed = await self.leftovers(record.id)
         if version_of(await self.store.record(record.key)) != record.version:
             doomed += [k async for k in self.store_keys(keys.chunk_prefix(record.key, record.version))]
             self.store.cache.discard_prefix(keys.chunk_prefix(record.key, record.version))

@@ -354,7 +354,7 @@ async def test_termination_removes_data_and_later_requests_get_410(gw: Any) -> N
     async with s.delete(location, headers=TUS) as r:
         assert r.status == 204
     keys_left = await store_keys(app)
-    assert [k for k in keys_left if k.startswith("c/") or "/t/" in k] == []
+    assert [k for k in keys_left if k.startswith("c/") or "/t/" in k or "/b/" in k] == []
     async with s.head(location, headers=TUS) as r:
         assert r.status == 410
     async with s.patch(location, headers=patch_headers(2 * CHUNK + 5), data=b"x") as r:
@@ -379,7 +379,7 @@ async def test_expired_upload_is_410_and_the_sweep_removes_its_data() -> None:
             assert await app["uploads"].sweep() == 1  # b, found by the sweep
             async with s.head(b, headers=TUS) as r:
                 assert r.status == 410
-            assert [k for k in await store_keys(app) if k.startswith("c/") or "/t/" in k] == []
+            assert [k for k in await store_keys(app) if k.startswith("c/") or "/t/" in k or "/b/" in k] == []
             metrics = await (await s.get(url + "/metrics")).text()
             assert "chunkgate_uploads_expired_total 2.0" in metrics
             assert "chunkgate_uploads_created_total 2.0" in metrics
@@ -672,3 +672,60 @@ async def test_a_chunk_deleted_behind_an_uploads_back_is_sent_again_not_named_by
             assert r.status == 204 and r.headers["Upload-Offset"] == str(len(data))
         async with s.get(url + "/objects/videos/lost.bin") as r:
             assert r.status == 200 and await r.read() == data
+
+
+MiB = 1 << 20
+
+
+async def test_a_long_uploads_record_stays_small_and_its_manifest_verifies_seeks_block_by_block() -> None:
+    """Every request reads and rewrites the upload's record, so the block digests of its chunks
+    live in a segment per request beside it (inline they made the record ~1.2 KB per 8 MiB
+    chunk: 1.2 MB at 1,000 chunks). The commit gathers them: the object's manifest has every
+    chunk's block digests, and a seek is answered from one verified block. Nothing of the
+    upload but its record is left once it is complete."""
+    cfg = ServeConfig(chunk_size=MiB, max_upload_size=64 * MiB, body_timeout=10.0)  # 4 blocks of 256 KiB per chunk
+    async with in_process_gateway(cfg) as (url, app), aiohttp.ClientSession() as s:
+        data = payload(16 * MiB + 100)
+        location = await create(s, url, len(data), key="videos/blocks.bin")
+        upload_id = location.rsplit("/", 1)[1]
+        backend = app["store"].backend
+        for start in range(0, 16 * MiB, 4 * MiB):
+            async with s.patch(location, headers=patch_headers(start), data=data[start:start + 4 * MiB]) as r:
+                assert r.status == 204
+            record = json.loads((await backend.get(f"u/{upload_id}/info")).data)
+            assert record["blocks"] == {} and len(record["hashes"]) == (start + 4 * MiB) // MiB
+        assert len(await store_keys(app, f"u/{upload_id}/b/")) == 4  # one segment per PATCH
+        async with s.patch(location, headers=patch_headers(16 * MiB), data=data[16 * MiB:]) as r:
+            assert r.status == 204
+        manifest = await app["store"].head("videos/blocks.bin")
+        assert [len(c.blocks or ()) for c in manifest.chunks] == [4] * 16 + [1]
+        assert await store_keys(app, f"u/{upload_id}/") == [f"u/{upload_id}/info"]
+        async with s.get(url + "/objects/videos/blocks.bin", headers={"Range": f"bytes={5 * MiB + 7}-{5 * MiB + 70}"}) as r:
+            assert r.status == 206 and await r.read() == data[5 * MiB + 7:5 * MiB + 71]
+
+
+async def test_an_upload_begun_by_an_earlier_release_keeps_its_inline_block_digests() -> None:
+    """Records written before the digest segments hold the block digests inline: an upload
+    begun that way and finished now commits a manifest with every chunk's block digests."""
+    cfg = ServeConfig(chunk_size=MiB, max_upload_size=64 * MiB, body_timeout=10.0)
+    async with in_process_gateway(cfg) as (url, app), aiohttp.ClientSession() as s:
+        data = payload(3 * MiB + 100)
+        location = await create(s, url, len(data), key="videos/old.bin")
+        upload_id = location.rsplit("/", 1)[1]
+        backend = app["store"].backend
+        async with s.patch(location, headers=patch_headers(0), data=data[:2 * MiB]) as r:
+            assert r.status == 204
+        # What an earlier release stored: the digests in the record, no segment.
+        (segment,) = await store_keys(app, f"u/{upload_id}/b/")
+        entries = json.loads((await backend.get(segment)).data)["chunks"]
+        info = await backend.get(f"u/{upload_id}/info")
+        record = json.loads(info.data)
+        record["blocks"] = {i: e["blocks"] for i, e in entries.items()}
+        await backend.put(f"u/{upload_id}/info", json.dumps(record).encode(), if_match=info.etag)
+        await backend.delete(segment)
+        async with s.patch(location, headers=patch_headers(2 * MiB), data=data[2 * MiB:]) as r:
+            assert r.status == 204
+        manifest = await app["store"].head("videos/old.bin")
+        assert [len(c.blocks or ()) for c in manifest.chunks] == [4, 4, 4, 1]
+        async with s.get(url + "/objects/videos/old.bin") as r:
+            assert await r.read() == data
