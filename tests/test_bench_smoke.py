@@ -83,7 +83,7 @@ def test_quick_run_writes_a_result_with_passing_byte_checks(tmp_path: Path) -> N
     pytest.importorskip("matplotlib")
     out = tmp_path / "result"
     done = subprocess.run(
-        [sys.executable, "-m", "ops.bench", "--quick", "--scenarios", "cold,warm,put,locks,amplify",
+        [sys.executable, "-m", "ops.bench", "--quick", "--scenarios", "cold,warm,put,locks,amplify,tuslong",
          "--reps", "1", "--lock-ops", "2000", "--lock-waiters", "200", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=220, check=False,
     )
@@ -91,13 +91,14 @@ def test_quick_run_writes_a_result_with_passing_byte_checks(tmp_path: Path) -> N
     result = json.loads((out / "result.json").read_text())
 
     assert result["errors"] == {}
-    assert set(result["scenarios"]) == {"cold", "warm", "put", "locks", "amplify"}
+    assert set(result["scenarios"]) == {"cold", "warm", "put", "locks", "amplify", "tuslong"}
     # SeaweedFS ran with the production volume size, and its own log (volume fills) is kept.
     assert result["machine"]["weed_args"] == WEED_ARGS
     assert (out / "logs" / "seaweedfs-INFO.log").read_text().startswith("Log file created at")
     assert result["checks"] == {
         "cold_get_sizes": True, "warm_get_sha256": True, "warm_get_all_cache_hits": True,
         "put_get_sha256": True, "locks_fifo": True, "multirange_206": True, "listing_complete": True,
+        "tus_long_head_offset": True, "tus_long_sha256": True,
     }
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
     # How fast SHA-256 ran on the machine at both ends of the run: what every CPU-s/GiB is read against.
@@ -129,6 +130,11 @@ def test_quick_run_writes_a_result_with_passing_byte_checks(tmp_path: Path) -> N
     # CPU per GiB of the gateway beside each peer's own process, for every kind of transfer.
     assert {"cold GET", "warm GET", "PUT 16MiB", "GET 16MiB after PUT"} <= set(result["cpu"])
     assert all(len(doc) >= 2 and all(s["median"] >= 0 for s in doc.values()) for doc in result["cpu"].values())
+
+    # The long tus upload went PATCH by PATCH, and its late PATCHes sit beside its early ones.
+    long = result["scenarios"]["tuslong"]
+    assert long["patches"] == 8 and len(long["patch_ms"]) == 8 and long["head_at_end_p50_ms"] > 0
+    assert "tus 64MiB: a late PATCH vs an early one" in names
 
     # Read amplification against the real SeaweedFS: behaviour, not speed.
     amp = result["scenarios"]["amplify"]

@@ -51,6 +51,7 @@ _SIZED: list[tuple[str, str, Any, Any]] = [
     ("--store-probes", "store_probes", int, 10),
     ("--tus-size", "tus_size", parse_size, 24 * MiB),
     ("--tus-chunk", "tus_chunk", parse_size, 8 * MiB),
+    ("--tus-long-size", "tus_long_size", parse_size, 64 * MiB),
     ("--lock-ops", "lock_ops", int, 20_000),
     ("--lock-waiters", "lock_waiters", int, 1000),
     ("--pressure-readers", "pressure_readers", int, 6),

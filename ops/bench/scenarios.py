@@ -9,12 +9,15 @@ its byte check, and never read a chunkgate object it expects to be cold twice.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import mmap
 import random
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import time
 import uuid
@@ -74,6 +77,7 @@ class BenchConfig:
     put_sizes: list[int] = field(default_factory=lambda: [256 * MiB])
     tus_size: int = 512 * MiB
     tus_chunk: int = 32 * MiB
+    tus_long_size: int = 2 * GiB  # one upload, PATCH by PATCH (the tuslong scenario)
     lock_ops: int = 200_000
     lock_waiters: int = 1000
     pressure_readers: int = 40  # concurrent readers of distinct objects, working set > cache
@@ -688,6 +692,50 @@ def tus_upload(ctx: Context) -> dict[str, Any]:
             "boto3_upload_fileobj": boto.to_json()}
 
 
+# ------------------------------------------------------------------------------ 10. a long tus upload
+def tus_long(ctx: Context) -> dict[str, Any]:
+    """One long tus upload, PATCH by PATCH (``--tus-chunk`` each, the same bytes every time):
+    what a PATCH late in it costs against one early in it, and HEAD at its end. Each request
+    reads the upload's state from the store; what it reads must not grow with the upload
+    (issue 15: no request pattern amplifies store traffic)."""
+    cfg = ctx.cfg
+    patch, count = cfg.tus_chunk, max(4, cfg.tus_long_size // cfg.tus_chunk)
+    body = random.Random(cfg.seed).randbytes(patch)
+    tus = {"Tus-Resumable": "1.0.0"}
+    key = _key("tus-long")
+    r = ctx.pool.request("POST", ctx.gateway.url + "/uploads/", headers={
+        **tus, "Upload-Length": str(count * patch), "Upload-Metadata": "key " + base64.b64encode(key.encode()).decode()})
+    if r.status != 201:
+        raise BenchFailure(f"creating the long upload answered {r.status}: {r.data[:200]!r}")
+    location = r.headers["Location"]
+    ms: list[float] = []
+    with CpuMeter(ctx.gateway.pid) as cpu:
+        for n in range(count):
+            started = time.perf_counter()
+            r = ctx.pool.request("PATCH", location, body=body, headers={
+                **tus, "Upload-Offset": str(n * patch), "Content-Type": "application/offset+octet-stream"})
+            ms.append((time.perf_counter() - started) * 1000)
+            if r.status != 204:
+                raise BenchFailure(f"PATCH {n} of the long upload answered {r.status}: {r.data[:200]!r}")
+            if n == count - 2:  # HEAD before the last PATCH, when the upload is at its longest
+                heads = []
+                for _ in range(10):
+                    started = time.perf_counter()
+                    h = ctx.pool.request("HEAD", location, headers=tus)
+                    heads.append((time.perf_counter() - started) * 1000)
+                ctx.check("tus_long_head_offset", h.headers.get("Upload-Offset") == str((n + 1) * patch))
+    digest, got = sha256_url(ctx.pool, ctx.gw_url(key))
+    ctx.check("tus_long_sha256", got == count * patch and digest == hashlib.sha256(body * count).hexdigest())
+    ctx.pool.request("DELETE", ctx.gw_url(key))
+    early, late = Series("ms", ms[:10]), Series("ms", ms[-11:-1])  # the last PATCH also commits
+    size_label = f"{count * patch // MiB}MiB"
+    ctx.comparisons.append(Comparison(f"tus {size_label}: a late PATCH vs an early one", "p50 ms", late.median, early.median,
+                                      "the first ten PATCHes of the same upload", None, False))
+    return {"patches": count, "patch_bytes": patch, "patch_ms": [round(v, 2) for v in ms],
+            "early_p50_ms": early.median, "late_p50_ms": late.median, "head_at_end_p50_ms": statistics.median(heads),
+            "commit_patch_ms": ms[-1], "gateway_cpu_s_per_gib": cpu.per_gib(count * patch)}
+
+
 # ------------------------------------------------------------------------------ 8. read amplification
 def _raw_get_and_leave(url: str) -> None:
     """Send a GET and close the connection at once, as a player cancelling a request does."""
@@ -902,7 +950,8 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "locks": lock_manager,
     "amplify": read_amplification,
     "blocks": block_size_choice,
+    "tuslong": tus_long,
 }
 # Issue 8 numbers its scenarios; accept the numbers too.
 BY_NUMBER = {str(n): name for n, name in enumerate(SCENARIOS, start=1)}
-NEEDS_STORE = {"cold", "warm", "storm", "seek", "put", "tus", "amplify", "blocks"}
+NEEDS_STORE = {"cold", "warm", "storm", "seek", "put", "tus", "tuslong", "amplify", "blocks"}
