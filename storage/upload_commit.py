@@ -230,8 +230,9 @@ class UploadCommitter:
         record.enter(UploadState.COMPLETE, self.sessions.clock())
         await self.sessions.put_record(durable, lease)
         self.sessions.stats.completed += 1
-        # Tails only: the version's chunks are the object's now (or were, and are deleted with
-        # it), and chunks left beyond them by a stale writer are unreferenced: gc takes them.
+        # Tails and digest segments only: the version's chunks are the object's now (or were,
+        # and are deleted with it), and chunks left beyond them by a stale writer are
+        # unreferenced: gc takes them.
         await self.sessions.remove(await self.sessions.leftovers(record.id), lease)
         durable.debris = []
         durable.tail = None

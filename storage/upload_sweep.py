@@ -167,9 +167,9 @@ class UploadSweeper:
         return listed, tails
 
     async def _sweep_orphan_tails(self, tails: dict[str, list[ObjectInfo]], records: set[str], now: float) -> None:
-        """Tails (and digest segments) whose upload record is gone (a write delayed on the wire landed after the
-        upload ended and was swept): nobody can resume them, so they go once old enough that
-        the record is surely not just being created."""
+        """Tails (and digest segments) whose upload record is gone (a write delayed on the wire
+        landed after the upload ended and was swept): nobody can resume them, so they go once
+        old enough that the record is surely not just being created."""
         for upload_id, infos in tails.items():
             if upload_id in records:
                 continue
