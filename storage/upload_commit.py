@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable
 
 from storage import keys
 from storage.backends.base import ObjectInfo
@@ -81,9 +81,9 @@ class UploadCommitter:
 
     async def _digest_segments(self, record: UploadRecord) -> dict[tuple[int, str], list[str]]:
         """The block digests the upload's requests saved beside its record (``Appender``), by
-        chunk index and SHA-256; read once, a few at a time."""
+        chunk index and SHA-256; read once, 16 at a time."""
         found: dict[tuple[int, str], list[str]] = {}
-        slots = asyncio.Semaphore(8)
+        slots = asyncio.Semaphore(16)
 
         async def read(key: str) -> Digests:
             async with slots:
@@ -95,7 +95,8 @@ class UploadCommitter:
                 found[(index, sha256)] = blocks
         return found
 
-    async def _manifest(self, durable: DurableUpload, lease: Lease) -> Manifest:
+    async def _manifest(self, durable: DurableUpload, lease: Lease,
+                        digests: Awaitable[dict[tuple[int, str], list[str]]]) -> Manifest:
         """The manifest of the upload's version from its durable chunks: the saved tail becomes
         the final chunk, and chunks a dead request wrote without recording are hashed once."""
         record = durable.record
@@ -119,7 +120,7 @@ class UploadCommitter:
             ck = keys.chunk_key(record.key, record.version, ref.index)
             durable.chunks.append(ObjectInfo(ck, ref.size, "", datetime.now(timezone.utc)))
             durable.tail = None
-        segments = await self._digest_segments(record)
+        segments = await digests
         refs: list[ChunkRef] = []
         offset = 0
         for index, info in enumerate(durable.chunks):
@@ -175,8 +176,16 @@ class UploadCommitter:
                         # Not committed, yet bytes are missing: the data is gone (deleted by hand?)
                         await self._abort(durable, lease, "lost data before it could be committed")
                         raise StoreFailed(f"upload {record.id} lost data before it could be committed")
-                    await self._check_stored(durable, lease)
-                    manifest = await self._manifest(durable, lease)
+                    # The block digests are read while the chunks are checked: both are listings
+                    # that grow with the upload, and neither needs the other.
+                    segments = asyncio.ensure_future(self._digest_segments(record))
+                    try:
+                        await self._check_stored(durable, lease)
+                        manifest = await self._manifest(durable, lease, segments)
+                    finally:
+                        if not segments.done():
+                            segments.cancel()
+                        await asyncio.gather(segments, return_exceptions=True)
                 if not (record.state is UploadState.COMMITTING and record.replaces_known):
                     record.enter(UploadState.COMMITTING, self.sessions.clock())
                     record.replaces, record.replaces_known = identity(current), True
