@@ -70,6 +70,16 @@ class ManifestRepairing(StoreUnavailable):
     code = "chunk_size_drift"
 
 
+class LockLapsed(StoreUnavailable):
+    """A PUT or DELETE whose lease on the key lapsed before it wrote anything: the store did
+    not take the lease's renewals in time (it was down or slow), or the request stalled past
+    ``--lock-stale-after`` and another one cleared it. Nothing was committed, and the same
+    request sent again can succeed: HTTP 503 with Retry-After, not a 409 ("conflict" tells a
+    client that trying again will not help)."""
+
+    code = "lock_lapsed"
+
+
 class UploadStatusUnsettled(StoreUnavailable):
     """A status read (HEAD) lost its lease on the upload before it could answer: the store
     stopped taking the lease's renewals, or another request cleared it as stale. What it read

@@ -46,7 +46,7 @@ from storage.manifest import ChunkRef, Manifest
 from storage.manifests import CommitResult, Contention, Current, Event, ManifestStore, Outcome, version_of
 from storage.reads import P, ChunkPiece, ChunkReader, ObjectRead, StoredChunk, chunk_errors, cost
 from storage.tolerance import SizeTolerance, Verdict
-from storage.writes import Check, ChunkWriter, CommitAttempt, digests, sha256_hex
+from storage.writes import Check, ChunkWriter, CommitAttempt, digests, lapse_means_retry, sha256_hex
 
 __all__ = ["ChunkPiece", "ChunkWriter", "CommitAttempt", "IntegrityStats", "ObjectRead", "ObjectStore", "StoreOptions",
            "StoredChunk", "sha256_hex"]
@@ -308,27 +308,32 @@ class ObjectStore:
                      event: Event | None = None) -> None:
         """Delete ``key``: its record becomes a tombstone by a conditional write, so a delete
         delayed past a lease takeover cannot remove a version committed after its check."""
-        async with self.locks.hold(key, owner=owner, timeout=self.options.lock_timeout) as lease:
-            attempt = CommitAttempt()
-            contention = Contention()
-            for _ in contention:
-                current = await self.record(key)
-                if current is None or current.manifest is None:
-                    raise ObjectNotFound(f"no object at key {key!r}")
-                self._precondition(check, current)
-                announce: tuple[Event, ...] = ()
-                if event is not None:
-                    announce = ({"id": f"post-delete-{current.manifest.version}-{keys.new_version(self.clock())[13:]}",
-                                 "type": "post-delete", "key": key, "version": current.manifest.version,
-                                 "time": datetime.fromtimestamp(self.clock(), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")},)
-                result = await self.commit_record(key, None, current, lease, attempt, events=announce)
-                if result.outcome is Outcome.COMMITTED:
-                    return  # the tombstone stays until gc (storage.manifests explains why)
-                if result.outcome is Outcome.UNKNOWN:
-                    raise StoreUnavailable(f"the store failed deleting and the outcome is unknown: {result.error}",
-                                           retry_after=getattr(result.error, "retry_after", None), outcome_unknown=True)
-                contention.lost(current, result)
-            raise CommitConflict(f"gave up deleting {key!r}: other writers kept winning")
+        attempt = CommitAttempt()
+        with lapse_means_retry(attempt, f"the DELETE of {key!r}"):
+            async with self.locks.hold(key, owner=owner, timeout=self.options.lock_timeout) as lease:
+                await self._delete(key, check, event, lease, attempt)
+
+    async def _delete(self, key: str, check: Check | None, event: Event | None, lease: Lease,
+                      attempt: CommitAttempt) -> None:
+        contention = Contention()
+        for _ in contention:
+            current = await self.record(key)
+            if current is None or current.manifest is None:
+                raise ObjectNotFound(f"no object at key {key!r}")
+            self._precondition(check, current)
+            announce: tuple[Event, ...] = ()
+            if event is not None:
+                announce = ({"id": f"post-delete-{current.manifest.version}-{keys.new_version(self.clock())[13:]}",
+                             "type": "post-delete", "key": key, "version": current.manifest.version,
+                             "time": datetime.fromtimestamp(self.clock(), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")},)
+            result = await self.commit_record(key, None, current, lease, attempt, events=announce)
+            if result.outcome is Outcome.COMMITTED:
+                return  # the tombstone stays until gc (storage.manifests explains why)
+            if result.outcome is Outcome.UNKNOWN:
+                raise StoreUnavailable(f"the store failed deleting and the outcome is unknown: {result.error}",
+                                       retry_after=getattr(result.error, "retry_after", None), outcome_unknown=True)
+            contention.lost(current, result)
+        raise CommitConflict(f"gave up deleting {key!r}: other writers kept winning")
 
     def _delete_version_later(self, manifest: Manifest) -> None:
         """Remove a replaced version's chunks after the grace period, so readers in flight finish.

@@ -14,13 +14,15 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, AsyncIterable, AsyncIterator, Callable, Protocol, Union, cast, runtime_checkable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, AsyncIterable, AsyncIterator, Callable, Iterator, Protocol, Union, cast, runtime_checkable
 
 from storage import hashing, intents, keys
 from storage.backends.base import NotFound, PermanentError, PreconditionFailed, TransientError
 from storage.buffers import ChunkBuffers
 from storage.chunker import Chunk, Chunker
-from storage.errors import BodyTooLarge, ChecksumMismatch, IncompleteBody, StoreFailed, from_backend
+from storage.errors import BodyTooLarge, ChecksumMismatch, IncompleteBody, LockLapsed, StoreFailed, from_backend
+from storage.locks import LeaseLost
 from storage.manifest import ChunkRef, Manifest
 from storage.manifests import Event
 
@@ -59,6 +61,20 @@ class CommitAttempt:
         return self.in_doubt or self.committed
 
 
+@contextmanager
+def lapse_means_retry(attempt: CommitAttempt, doing: str) -> Iterator[None]:
+    """A ``LeaseLost`` before the write was sent (``commit_record`` checks the lease first) is
+    ``LockLapsed``: nothing was committed, and sending the request again can succeed. Once the
+    write may have landed, the error stays what it is."""
+    try:
+        yield
+    except LeaseLost as exc:
+        if attempt.may_have_landed:
+            raise
+        raise LockLapsed(f"the key's lock lapsed before {doing} could commit ({exc}); nothing was committed",
+                         retry_after=1) from exc
+
+
 @dataclass(frozen=True)
 class BodyChecks:
     """What the client said its body is: checked once the whole body has been stored."""
@@ -90,8 +106,9 @@ async def put(store: ObjectStore, key: str, body: Body, *, content_type: str, cl
             block_size=store.options.block_size,
         )
         announce = (store.announcement(event, manifest),) if event is not None else ()
-        async with store.locks.hold(key, owner=owner, timeout=store.options.lock_timeout) as lease:
-            await store.commit_latest(manifest, lease, attempt, check, announce)
+        with lapse_means_retry(attempt, f"the PUT of {key!r}"):
+            async with store.locks.hold(key, owner=owner, timeout=store.options.lock_timeout) as lease:
+                await store.commit_latest(manifest, lease, attempt, check, announce)
     except BaseException:
         if attempt.in_doubt and not attempt.committed:
             # The manifest may still land and name these chunks: keep them and the intent,

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from typing import Any
 
 import aiohttp
 import pytest
 
 from gateway.config import ServeConfig
 from storage import keys
+from storage.backends.memory import MemoryBackend
 from storage.manifest import Manifest
 from tests.support.gateway import in_process_gateway
 
@@ -98,3 +100,55 @@ async def test_32_writers_and_8_readers_on_one_key_see_only_whole_versions(backe
                 assert len(blob.data) == ref.size
                 assert hashlib.sha256(blob.data).hexdigest() == ref.sha256
             assert store.locks.active() == 0 and len(store.locks) == 0
+
+
+class StallsNextRecordRead(MemoryBackend):
+    """Once ``armed``, the next read of an object's record waits for ``gate``: a PUT that holds
+    the key's lock and stops renewing it (the store is slow, or down and restarting)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.stalled = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def get(self, key: str, **kw: Any) -> Any:
+        if self.armed and key.startswith(keys.MANIFEST_PREFIX):
+            self.armed = False
+            self.stalled.set()
+            await self.gate.wait()
+        return await super().get(key, **kw)
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+async def test_a_write_whose_lock_lapsed_before_it_committed_answers_503_and_retrying_works(method: str) -> None:
+    """A PUT or DELETE that held the key's lock but could not renew it (its store calls hung)
+    is cleared as stale by the next writer; when it wakes it commits nothing. Its client gets
+    503 with Retry-After, which says "send it again" (409 "conflict" says that would not help),
+    and sending it again does work."""
+    backend = StallsNextRecordRead()
+    cfg = ServeConfig(chunk_size=CHUNK, lock_stale_after=0.3, lock_timeout=5.0)
+    async with in_process_gateway(cfg, backend=backend) as (url, _app), aiohttp.ClientSession() as s:
+        first, second = os.urandom(3 * CHUNK), os.urandom(2 * CHUNK)
+        if method == "DELETE":
+            async with s.put(url + "/objects/k.bin", data=first) as r:
+                assert r.status == 201
+        backend.armed = True
+        stalled = asyncio.ensure_future(s.request(method, url + "/objects/k.bin", data=None if method == "DELETE" else first))
+        await asyncio.wait_for(backend.stalled.wait(), timeout=5)
+        async with s.put(url + "/objects/k.bin", data=second) as r:  # clears the stalled lock as stale
+            assert r.status == 201
+        backend.gate.set()
+        r = await asyncio.wait_for(stalled, timeout=5)
+        assert r.status == 503, (r.status, await r.text())
+        assert r.headers["Retry-After"] == "1" and (await r.json())["error"] == "lock_lapsed"
+        r.release()
+        async with s.get(url + "/objects/k.bin") as r:
+            assert await r.read() == second  # the lapsed write committed nothing
+        async with s.request(method, url + "/objects/k.bin", data=None if method == "DELETE" else first) as r:
+            assert r.status == (204 if method == "DELETE" else 201)
+        async with s.get(url + "/objects/k.bin") as r:
+            if method == "DELETE":
+                assert r.status == 404
+            else:
+                assert r.status == 200 and await r.read() == first

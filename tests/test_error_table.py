@@ -44,6 +44,7 @@ CASES = [
     (se.StoreUnavailable("down", retry_after=7.2), 503, "store_unavailable", {"Retry-After": "8"}),
     (se.StoreUnavailable("down"), 503, "store_unavailable", {"Retry-After": "1"}),
     (se.UploadStatusUnsettled("lease lost", retry_after=1), 503, "upload_busy", {"Retry-After": "1"}),
+    (se.LockLapsed("lease lost before the commit", retry_after=1), 503, "lock_lapsed", {"Retry-After": "1"}),
     (se.StoreFull("no room"), 507, "store_full", {}),
     (se.StoreFailed("refused"), 502, "store_error", {}),
     (se.CorruptManifest("garbled"), 502, "corrupt_manifest", {}),
