@@ -23,6 +23,7 @@ from aiohttp import web
 
 from gateway import conditions, hooks
 from gateway.auth import check_token
+from gateway.body import BodyReceiver, can_receive_into
 from gateway.errors import HTTPError, to_response
 from gateway.objects import (
     BODY_READ_ERRORS,
@@ -297,11 +298,26 @@ async def _append(request: web.Request, upload_id: str, *, offset: int, length: 
                   checksum: tuple[str, bytes] | None) -> UploadStatus:
     sessions = sessions_of(request)
     async with sessions.lock(upload_id, owner=owner_of(request)) as lease:
-        return await sessions.append(
-            upload_id, lease, offset=offset, length=length, checksum=checksum,
-            body=patch_body(request, lease.release_requested, request.app["config"].body_timeout),
-            content_length=request.content_length,
-        )
+        body = patch_receiver(request, lease.release_requested, checksum=checksum)
+        try:
+            return await sessions.append(upload_id, lease, offset=offset, length=length, checksum=checksum,
+                                         body=body, content_length=request.content_length)
+        finally:
+            if isinstance(body, BodyReceiver):
+                body.release()  # the connection goes back to aiohttp if the body was not read to its end
+
+
+def patch_receiver(request: web.Request, stop: asyncio.Event, *,
+                   checksum: tuple[str, bytes] | None) -> AsyncIterator[bytes] | BodyReceiver:
+    """A PATCH's body: received straight into the upload's chunk buffers when it is large and
+    plain (gateway.body; a checksummed one is held in memory until verified, so it keeps
+    aiohttp's pieces), else ``patch_body``. Both end early when ``stop`` is set."""
+    timeout = request.app["config"].body_timeout
+    if checksum is None and can_receive_into(request):
+        floor = UploadRateFloor.for_request(request)
+        return BodyReceiver(request, timeout=timeout, check_rate=floor.check, stop=stop,
+                            stalled="the bytes received so far were kept")
+    return patch_body(request, stop, timeout)
 
 
 async def head(request: web.Request) -> web.StreamResponse:

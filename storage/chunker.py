@@ -12,6 +12,11 @@ copies it out (a tus upload's durable tail). Two modes:
 - without (or when the pool's buffers have another size): each chunk is a fresh immutable
   ``bytes``; a whole incoming piece that is exactly a chunk is passed on without a copy.
 
+A caller that can write bytes itself (a tus PATCH received straight from the socket,
+``gateway.body``) asks for ``room``, the unfilled rest of the chunk being filled, writes into it
+and says how much with ``advance``; that works in both modes (without a pool, ``room`` is a fresh
+buffer of the chunk's size, never reused, which holds what was fed before).
+
 Pure and synchronous, so it is tested by tables (tests/test_chunker.py); the callers await their
 writes between the chunks ``feed`` yields. Whatever a caller does, it calls ``close`` at the end,
 which gives back a partly filled buffer nobody was handed.
@@ -33,7 +38,7 @@ class Chunker:
         self.chunk_size = chunk_size
         self._buffers = buffers if buffers is not None and buffers.size == chunk_size else None
         self._pieces: list[bytes] = []  # joined mode
-        self._buf: bytearray | None = None  # buffered mode: the buffer being filled
+        self._buf: bytearray | None = None  # the buffer being filled: the pool's, or its own after ``room``
         self._view = memoryview(b"")
         self.filled = 0  # bytes of the chunk being filled
 
@@ -43,10 +48,9 @@ class Chunker:
         whole = True  # src is all of piece (no slice taken yet)
         while src:
             take = min(len(src), self.chunk_size - self.filled)
-            if self._buffers is not None:
+            if self._buffers is not None or self._buf is not None:
                 if self._buf is None:
-                    self._buf = self._buffers.take()
-                    self._view = memoryview(self._buf)
+                    self._take_buffer()
                 self._view[self.filled:self.filled + take] = src[:take]
             else:
                 # A whole incoming piece is already a fresh immutable bytes; slices are copied.
@@ -57,6 +61,29 @@ class Chunker:
             if self.filled == self.chunk_size:
                 yield self._hand_over()
 
+    def room(self) -> memoryview:
+        """The unfilled rest of the chunk being filled, for the caller to write into; then
+        ``advance`` by what it wrote. Never empty."""
+        if self._buf is None:
+            self._take_buffer()
+        return self._view[self.filled:]
+
+    def advance(self, n: int) -> Chunk | None:
+        """``n`` bytes were written at the start of ``room()``: the chunk, when they complete it."""
+        if not 0 <= n <= self.chunk_size - self.filled or (n and self._buf is None):
+            raise ValueError(f"advance({n}) with {self.chunk_size - self.filled} bytes of room")
+        self.filled += n
+        return self._hand_over() if self.filled == self.chunk_size else None
+
+    def _take_buffer(self) -> None:
+        # From the pool; without one, a buffer of its own (handed on once, never refilled), which
+        # takes over what was fed before in pieces.
+        self._buf = self._buffers.take() if self._buffers is not None else bytearray(self.chunk_size)
+        self._view = memoryview(self._buf)
+        if self._pieces:
+            joined, self._pieces = b"".join(self._pieces), []
+            self._view[:len(joined)] = joined
+
     def flush(self) -> Chunk | None:
         """The partly filled rest as the last chunk (None when there is none); the chunker is
         empty afterwards."""
@@ -64,8 +91,8 @@ class Chunker:
 
     def partial(self) -> bytes:
         """A copy of the partly filled rest, which stays inside (to be made durable elsewhere)."""
-        if self._buffers is not None:
-            return bytes(self._view[:self.filled]) if self._buf is not None else b""
+        if self._buf is not None:
+            return bytes(self._view[:self.filled])
         if len(self._pieces) > 1:
             self._pieces = [b"".join(self._pieces)]
         return self._pieces[0] if self._pieces else b""
@@ -73,12 +100,12 @@ class Chunker:
     def close(self) -> None:
         """Drop the partly filled rest; a lent buffer nobody was handed goes back to the pool."""
         if self._buf is not None and self._buffers is not None:
-            self._buffers.give_back(self._buf)
+            self._buffers.give_back(self._buf)  # a buffer of its own is simply dropped
         self._buf, self._view, self._pieces, self.filled = None, memoryview(b""), [], 0
 
     def _hand_over(self) -> Chunk:
         n, self.filled = self.filled, 0
-        if self._buffers is not None:
+        if self._buf is not None:
             out = self._view[:n].toreadonly()
             self._buf, self._view = None, memoryview(b"")  # the receiver gives it back
             return out

@@ -81,6 +81,7 @@ from storage.upload_record import (
     expired,
 )
 from storage.upload_sweep import UploadSweeper
+from storage.writes import BodyIntoSome
 
 __all__ = [  # what other modules import from here (some names live in the modules above)
     "CHECKSUM_ALGORITHMS",
@@ -256,7 +257,7 @@ class UploadSessions:
         lease: Lease,
         *,
         offset: int,
-        body: AsyncIterable[bytes],
+        body: AsyncIterable[bytes] | BodyIntoSome,
         length: int | None = None,
         checksum: tuple[str, bytes] | None = None,
         content_length: int | None = None,
@@ -274,13 +275,16 @@ class UploadSessions:
         limit = await self._check_patch(durable, lease, offset=offset, length=length, checksum=checksum,
                                         content_length=content_length)
         if durable.record.state is UploadState.COMPLETE:
-            async for piece in body:
+            async for piece in pieces_of(body):
                 if piece:
                     raise UploadTooLarge("the upload is complete; no more bytes are accepted")
             return self._status(durable)
         session = await self._open_append(durable, lease)
         hasher = hashlib.new(checksum[0]) if checksum is not None else None
-        error = await session.receive(body, offset=offset, limit=limit, hasher=hasher)
+        if isinstance(body, BodyIntoSome) and hasher is None:
+            error = await session.receive_into(body, offset=offset, limit=limit)
+        else:
+            error = await session.receive(pieces_of(body), offset=offset, limit=limit, hasher=hasher)
         error = await self._judge_body(session, error, hasher, checksum)
         # Shielded: a cancelled request (shutdown, client gone) still leaves its bytes durable.
         await asyncio.shield(session.save(lost=isinstance(error, LeaseLost)))
@@ -509,3 +513,16 @@ class UploadSessions:
         else:
             log.error("upload %s ended, but its version is %r's committed one: its chunks stay", record.id, record.key)
         await self.remove(doomed, lease)
+
+
+def pieces_of(body: AsyncIterable[bytes] | BodyIntoSome) -> AsyncIterable[bytes]:
+    """``body`` as pieces of ``bytes`` (a checksummed body is held as pieces)."""
+    return _read_pieces(body) if isinstance(body, BodyIntoSome) else body
+
+
+async def _read_pieces(body: BodyIntoSome) -> AsyncIterator[bytes]:
+    buf = memoryview(bytearray(1 << 20))
+    while not body.ended:
+        n = await body.readinto_some(buf)
+        if n:
+            yield bytes(buf[:n])

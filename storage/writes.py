@@ -45,6 +45,23 @@ class BodyInto(Protocol):
         ...
 
 
+@runtime_checkable
+class BodyIntoSome(Protocol):
+    """A body that writes itself into the caller's buffer and keeps no byte back: what a tus PATCH
+    reads, which keeps every byte that arrived, also of a body that then failed."""
+
+    @property
+    def ended(self) -> bool:
+        """Every byte of the body was handed over."""
+        ...
+
+    async def readinto_some(self, buf: memoryview, within: float | None = None) -> int:
+        """Write into ``buf`` what the body brings within ``within`` seconds (maybe nothing), at
+        most ``len(buf)``. Raises when the body failed, once the bytes before the failure were
+        handed over."""
+        ...
+
+
 Body = Union[AsyncIterable[bytes], BodyInto]
 
 

@@ -95,3 +95,62 @@ def test_a_whole_piece_that_is_one_chunk_is_passed_on_without_a_copy() -> None:
 def test_chunk_size_must_be_positive() -> None:
     with pytest.raises(ValueError):
         Chunker(0)
+
+
+def write_into(chunker: Chunker, piece: bytes) -> list[bytes]:
+    """What a body that writes itself does (gateway.body): fill ``room``, ``advance``."""
+    out: list[bytes] = []
+    src = memoryview(piece)
+    while src:
+        room = chunker.room()
+        n = min(len(room), len(src))
+        room[:n] = src[:n]
+        src = src[n:]
+        chunk = chunker.advance(n)
+        if chunk is not None:
+            out.append(bytes(chunk))
+    return out
+
+
+@pytest.mark.parametrize("buffered", [False, True], ids=["joined", "buffered"])
+@pytest.mark.parametrize("pieces,size,chunks,last", CASES)
+def test_writing_into_room_cuts_the_same_chunks_as_feeding_even_mixed(
+        pieces: list[bytes], size: int, chunks: list[bytes], last: bytes | None, buffered: bool) -> None:
+    pool = ChunkBuffers(size, keep=2) if buffered else None
+    chunker = Chunker(size, pool)
+    got: list[bytes] = []
+    for n, piece in enumerate(pieces):  # every other piece fed, the rest written into the room
+        if n % 2:
+            got.extend(bytes(c) for c in chunker.feed(piece))
+        else:
+            got.extend(write_into(chunker, piece))
+    rest = chunker.flush()
+    assert (got, None if rest is None else bytes(rest)) == (chunks, last)
+    assert pool is None or pool.lent == len(chunks) + (last is not None)  # the holders give them back
+
+
+@pytest.mark.parametrize("buffered", [False, True], ids=["joined", "buffered"])
+def test_room_starts_after_what_was_fed_and_partial_sees_what_was_written(buffered: bool) -> None:
+    chunker = Chunker(8, ChunkBuffers(8, keep=2) if buffered else None)
+    for _ in chunker.feed(b"abc"):  # a tus upload's saved tail, refilled
+        pass
+    room = chunker.room()
+    assert len(room) == 5
+    room[:2] = b"de"
+    assert chunker.partial() == b"abc"  # not advanced yet: not part of the chunk
+    assert chunker.advance(2) is None and chunker.partial() == b"abcde"
+    room = chunker.room()
+    room[:3] = b"fgh"
+    chunk = chunker.advance(3)
+    assert chunk is not None and bytes(chunk) == b"abcdefgh" and chunk.readonly
+    assert chunker.filled == 0 and chunker.partial() == b""
+
+
+@pytest.mark.parametrize("n", [-1, 6])
+def test_advancing_past_the_room_is_refused(n: int) -> None:
+    chunker = Chunker(8)
+    for _ in chunker.feed(b"abc"):
+        pass
+    chunker.room()
+    with pytest.raises(ValueError):
+        chunker.advance(n)

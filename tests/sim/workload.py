@@ -362,7 +362,9 @@ class Driver:
             async with gw.sessions.lock(upload.id, owner=f"op{rec.id}") as lease:
                 status = await gw.sessions.append(upload.id, lease, offset=offset, checksum=checksum,
                                                   content_length=len(piece),
-                                                  body=self._patch_body(piece, lease.release_requested, rec))
+                                                  body=self._patch_body(piece, lease.release_requested, rec)
+                                                  if checksum is not None or op.n % 2 else
+                                                  SimBodyInto(self, piece, lease.release_requested, rec))
         except Exception as exc:
             new_offset = getattr(exc, "offset", None)
             if isinstance(new_offset, int):
@@ -526,3 +528,37 @@ def run_workload(workload: Workload) -> tuple[bool, list[str], str]:
 
 
 __all__ = ["Op", "Workload", "random_workload", "run_seed", "run_workload", "Driver", "ObjectNotFound"]
+
+
+class SimBodyInto:
+    """As gateway.body.BodyReceiver for a large tus PATCH (``readinto_some``): the body writes
+    itself into the upload's chunk buffer, in the pieces and with the pauses ``_patch_body``
+    has, and ends early when another request asks for the upload's lock."""
+
+    def __init__(self, workload: Any, data: bytes, stop: asyncio.Event, rec: OpRecord) -> None:
+        self.w, self.stop, self.rec = workload, stop, rec
+        step = max(1, len(data) // 3)
+        self.pieces = [memoryview(data)[i:i + step] for i in range(0, len(data), step)]
+        self.pending = memoryview(b"")  # what of the last piece did not fit the caller's buffer
+
+    @property
+    def ended(self) -> bool:
+        return not self.pieces and not self.pending
+
+    async def readinto_some(self, buf: memoryview, within: float | None = None) -> int:
+        if not self.pending:
+            if self.stop.is_set():
+                if BodyInterrupted is None:
+                    self.pieces = []
+                    return 0
+                raise BodyInterrupted("another request asked for the upload")
+            if self.w.rng.random() < 0.5:
+                await asyncio.sleep(self.w.rng.choice((0.0, 0.001, 0.01)))
+            if not self.rec.sent:
+                self.rec.first_byte_at = self.w.loop.time()
+            self.pending = self.pieces.pop(0)
+            self.rec.sent += len(self.pending)
+        n = min(len(buf), len(self.pending))
+        buf[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
