@@ -33,6 +33,7 @@ import aiohttp
 import pytest
 
 from tests.support.chaos import (
+    LARGE,
     History,
     Workload,
     census,
@@ -136,7 +137,8 @@ async def test_kill_9_at_random_moments_loses_no_acknowledged_write(store: tuple
 
     acked = [w for w in history.writes if w.acked]
     print(f"chaos: {where}: {TRIALS} trials, {len(history.writes)} writes sent, {len(acked)} acknowledged "
-          f"({sum(w.kind == 'put' for w in acked)} PUT, {sum(w.kind == 'tus' for w in acked)} tus), "
+          f"({sum(w.kind == 'put' for w in acked)} PUT, {sum(w.kind == 'tus' for w in acked)} tus; "
+          f"{sum(w.size >= LARGE for w in acked)} of 1 MiB or more), "
           f"0 lost, 0 corrupt, {history.statuses.get(500, 0)} 500s, {history.no_answer} answers cut off by kills, "
           f"uploads resumed {figures['resumed']} (tuspy {figures['by_tuspy']}, finished by HEAD "
           f"{figures['finished_by_head']}, never created {figures['never_created']}), "

@@ -31,6 +31,8 @@ from typing import Any
 
 import aiohttp
 
+from gateway.body import RECEIVE_INTO_FROM as LARGE
+
 TUS = {"Tus-Resumable": "1.0.0"}
 OCTETS = {"Content-Type": "application/offset+octet-stream"}
 # Answers that say the request did nothing (validation, precondition); a 5xx may have committed.
@@ -167,12 +169,19 @@ class Workload:
         await asyncio.gather(*(self._puts(session, n) for n in range(self.put_workers)),
                              *(self._tus(session, n) for n in range(self.tus_workers)))
 
+    def _size(self, rng: random.Random, small: int, large_share: float) -> int:
+        """A body of up to ``small`` bytes, or (``large_share`` of them) one of 1 MiB or more,
+        which the gateway reads from the socket straight into the chunk buffers (gateway/body.py)."""
+        if rng.random() < large_share:
+            return rng.randint(LARGE, LARGE + 3 * self.chunk)
+        return rng.randint(0, small)
+
     async def _puts(self, session: aiohttp.ClientSession, worker: int) -> None:
         rng = random.Random(f"{self.seed}:{self.trial}:put{worker}")
         n = 0
         while not self.stop.is_set():
             key = rng.choice(self.put_keys)
-            data = body_of(f"{self.seed}:{self.trial}:put{worker}:{n}", rng.randint(0, 5 * self.chunk + 100))
+            data = body_of(f"{self.seed}:{self.trial}:put{worker}:{n}", self._size(rng, 5 * self.chunk + 100, 0.1))
             n += 1
             w = self.history.begin(key, "put", data)
             body: Any = data if rng.random() < 0.5 else _slow(data, rng)
@@ -196,7 +205,7 @@ class Workload:
         n = 0
         while not self.stop.is_set():
             key = f"tus/{self.trial}-{worker}-{n}.bin"
-            data = body_of(f"{self.seed}:{key}", rng.randint(2 * self.chunk, 8 * self.chunk + 100))
+            data = body_of(f"{self.seed}:{key}", max(2 * self.chunk, self._size(rng, 8 * self.chunk + 100, 0.2)))
             n += 1
             up = Upload(key, data, self.history.begin(key, "tus", data))
             self.history.uploads.append(up)
@@ -211,7 +220,9 @@ class Workload:
                     up.url = resp.headers["Location"]
                 offset = 0
                 while offset < len(data) and not self.stop.is_set():
-                    end = min(len(data), offset + rng.randint(self.chunk // 2, 3 * self.chunk))
+                    # A large upload's first PATCH carries 1 MiB or more.
+                    first = LARGE if offset == 0 and len(data) >= LARGE else self.chunk // 2
+                    end = min(len(data), offset + rng.randint(first, max(first, 3 * self.chunk)))
                     offset = await patch(session, self.history, up, offset, end, rng)
                     if offset < 0:
                         break  # refused: this upload is left for the resume after the restart
