@@ -96,8 +96,12 @@ class Appender:
         options = self.sessions.options
         try:
             while not body.ended:
-                since = self.sessions.monotonic() - self.last_checkpoint
-                within = max(0.01, min(_RENEW_EVERY, options.checkpoint_seconds - since))
+                # Back by the next checkpoint, if there is anything new to make durable (with
+                # nothing new, no checkpoint is due: a stalled client costs a wake-up a second).
+                due = _RENEW_EVERY
+                if self.filled > self.saved_tail:
+                    due = options.checkpoint_seconds - (self.sessions.monotonic() - self.last_checkpoint)
+                within = max(0.01, min(_RENEW_EVERY, due))
                 n = await body.readinto_some(self.chunker.room(), within)
                 if n:
                     await self._arriving(n, offset, limit)

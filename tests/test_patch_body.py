@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.body import RECEIVE_INTO_FROM
+from gateway.body import RECEIVE_INTO_FROM, BodyReceiver
 from gateway.config import ServeConfig
 from tests.support.gateway import in_process_gateway
 from tests.test_put_body import answer, read_answer, send_in_pieces, stored
@@ -158,3 +158,35 @@ async def test_a_slow_large_patch_makes_its_partly_filled_chunk_durable_while_it
         assert status == 204
         assert (await stored(session, url, "clip"))[0] == data
         assert await tail_keys(app) == {}
+
+
+async def test_a_large_patch_whose_client_goes_quiet_is_not_polled_while_it_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two whole chunks, then silence: nothing is left to checkpoint, so the read waits a second
+    # at a time (to renew the lease) instead of returning every few milliseconds.
+    calls = 0
+    real = BodyReceiver.readinto_some
+
+    async def counted(self: BodyReceiver, buf: memoryview, within: float | None = None) -> int:
+        nonlocal calls
+        calls += 1
+        return await real(self, buf, within)
+
+    monkeypatch.setattr(BodyReceiver, "readinto_some", counted)
+    data = os.urandom(2 * RECEIVE_INTO_FROM)
+    async with in_process_gateway(ServeConfig(chunk_size=CHUNK, body_timeout=10)) as (url, app), \
+            aiohttp.ClientSession() as session:
+        app["uploads"].options.checkpoint_seconds = 0.2
+        location = await create(session, url, len(data), key="clip")
+        reader, writer = await open_patch(url, location, 0, len(data))
+        await asyncio.sleep(1.0)  # past the checkpoint time before the first byte
+        await send_in_pieces(writer, data[:2 * CHUNK], seed=16)
+        await asyncio.sleep(0.3)
+        before = calls
+        await asyncio.sleep(2.0)
+        assert calls - before <= 4, calls - before
+        writer.write(data[2 * CHUNK:])
+        await writer.drain()
+        status, _ = await asyncio.wait_for(no_content_answer(reader), timeout=20)
+        writer.close()
+        assert status == 204
+        assert (await stored(session, url, "clip"))[0] == data
