@@ -165,6 +165,8 @@ class Locker(Protocol):
     ``request_release`` asks the current holder to let go (a tus PATCH stops at a chunk boundary
     and keeps what it received); the lease is what the holder renews, checks and releases."""
 
+    stale_after: float  # seconds: a lease its holder does not renew this long is stale
+
     async def acquire(
         self, key: str, *, owner: str, timeout: float | None = None, request_release: bool = False
     ) -> Lease:

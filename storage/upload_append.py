@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("chunkgate.uploads")
 
 # receive_into returns to renew the lease and checkpoint at least this often while bytes flow
-# (a read straight into an 8 MiB chunk can take long at a slow client's rate).
+# (a read straight into an 8 MiB chunk can take long at a slow client's rate), and at least four
+# times within the lock's stale time.
 _RENEW_EVERY = 1.0  # seconds
 
 
@@ -94,14 +95,15 @@ class Appender:
         """``receive`` for a body that writes itself into the chunk being filled (never a
         checksummed one: that is held). Returns how the body ended, as ``receive`` does."""
         options = self.sessions.options
+        renew_every = min(_RENEW_EVERY, self.sessions.locks.stale_after / 4)
         try:
             while not body.ended:
                 # Back by the next checkpoint, if there is anything new to make durable (with
                 # nothing new, no checkpoint is due: a stalled client costs a wake-up a second).
-                due = _RENEW_EVERY
+                due = renew_every
                 if self.filled > self.saved_tail:
                     due = options.checkpoint_seconds - (self.sessions.monotonic() - self.last_checkpoint)
-                within = max(0.01, min(_RENEW_EVERY, due))
+                within = max(0.01, min(renew_every, due))
                 n = await body.readinto_some(self.chunker.room(), within)
                 if n:
                     await self._arriving(n, offset, limit)

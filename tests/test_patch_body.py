@@ -190,3 +190,25 @@ async def test_a_large_patch_whose_client_goes_quiet_is_not_polled_while_it_wait
         writer.close()
         assert status == 204
         assert (await stored(session, url, "clip"))[0] == data
+
+
+async def test_a_slow_large_patch_keeps_its_store_lease_while_its_chunk_fills() -> None:
+    # With store leases, a holder that does not renew within --lock-stale-after loses its lease
+    # even when nobody waits. A chunk here fills in ~1.6 s at this client's rate, twice the stale
+    # time: the read still returns often enough to renew, and the PATCH completes.
+    data = os.urandom(2 * RECEIVE_INTO_FROM)
+    slow = 3 * CHUNK
+    config = ServeConfig(chunk_size=CHUNK, locks="store", lock_stale_after=0.8, body_timeout=10)
+    async with in_process_gateway(config) as (url, app), aiohttp.ClientSession() as session:
+        location = await create(session, url, len(data), key="clip")
+        reader, writer = await open_patch(url, location, 0, len(data))
+        for at in range(0, slow, 8192):  # ~160 KiB/s
+            writer.write(data[at:min(at + 8192, slow)])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(data[slow:])
+        await writer.drain()
+        status, headers = await asyncio.wait_for(no_content_answer(reader), timeout=20)
+        writer.close()
+        assert status == 204 and headers["upload-offset"] == str(len(data))
+        assert (await stored(session, url, "clip"))[0] == data
