@@ -94,16 +94,13 @@ class Appender:
     async def receive_into(self, body: BodyIntoSome, *, offset: int, limit: int) -> BaseException | None:
         """``receive`` for a body that writes itself into the chunk being filled (never a
         checksummed one: that is held). Returns how the body ended, as ``receive`` does."""
-        options = self.sessions.options
         renew_every = min(_RENEW_EVERY, self.sessions.locks.stale_after / 4)
         try:
             while not body.ended:
-                # Back by the next checkpoint, if there is anything new to make durable (with
-                # nothing new, no checkpoint is due: a stalled client costs a wake-up a second).
-                due = renew_every
-                if self.filled > self.saved_tail:
-                    due = options.checkpoint_seconds - (self.sessions.monotonic() - self.last_checkpoint)
-                within = max(0.01, min(renew_every, due))
+                # Back by the next checkpoint, if one is due at all (with nothing new to make
+                # durable, none is: a stalled client costs a wake-up per renewal).
+                due = self._checkpoint_due_in()
+                within = max(0.01, min(renew_every, renew_every if due is None else due))
                 n = await body.readinto_some(self.chunker.room(), within)
                 if n:
                     await self._arriving(n, offset, limit)
@@ -154,9 +151,17 @@ class Appender:
         await self.writer.add(chunk)
         self.handed += 1
 
+    def _checkpoint_due_in(self) -> float | None:
+        """Seconds until the partly filled chunk is to be made durable (0 or less: now); None
+        while nothing arrived since it last was."""
+        if self.filled <= self.saved_tail:
+            return None
+        return self.sessions.options.checkpoint_seconds - (self.sessions.monotonic() - self.last_checkpoint)
+
     async def maybe_checkpoint(self) -> None:
         """On a slow stream, make the partly filled chunk durable now and then."""
-        if self.filled <= self.saved_tail or self.sessions.monotonic() - self.last_checkpoint < self.sessions.options.checkpoint_seconds:
+        due = self._checkpoint_due_in()
+        if due is None or due > 0:
             return
         self.last_checkpoint = self.sessions.monotonic()
         if not await self._settle_chunks():

@@ -169,19 +169,19 @@ class Workload:
         await asyncio.gather(*(self._puts(session, n) for n in range(self.put_workers)),
                              *(self._tus(session, n) for n in range(self.tus_workers)))
 
-    def _size(self, rng: random.Random, small: int, large_share: float) -> int:
-        """A body of up to ``small`` bytes, or (``large_share`` of them) one of 1 MiB or more,
+    def _size(self, rng: random.Random, low: int, high: int, large_share: float) -> int:
+        """A body of ``low`` to ``high`` bytes, or (``large_share`` of them) one of 1 MiB or more,
         which the gateway reads from the socket straight into the chunk buffers (gateway/body.py)."""
         if rng.random() < large_share:
             return rng.randint(LARGE, LARGE + 3 * self.chunk)
-        return rng.randint(0, small)
+        return rng.randint(low, high)
 
     async def _puts(self, session: aiohttp.ClientSession, worker: int) -> None:
         rng = random.Random(f"{self.seed}:{self.trial}:put{worker}")
         n = 0
         while not self.stop.is_set():
             key = rng.choice(self.put_keys)
-            data = body_of(f"{self.seed}:{self.trial}:put{worker}:{n}", self._size(rng, 5 * self.chunk + 100, 0.1))
+            data = body_of(f"{self.seed}:{self.trial}:put{worker}:{n}", self._size(rng, 0, 5 * self.chunk + 100, 0.1))
             n += 1
             w = self.history.begin(key, "put", data)
             body: Any = data if rng.random() < 0.5 else _slow(data, rng)
@@ -205,7 +205,7 @@ class Workload:
         n = 0
         while not self.stop.is_set():
             key = f"tus/{self.trial}-{worker}-{n}.bin"
-            data = body_of(f"{self.seed}:{key}", max(2 * self.chunk, self._size(rng, 8 * self.chunk + 100, 0.2)))
+            data = body_of(f"{self.seed}:{key}", self._size(rng, 2 * self.chunk, 8 * self.chunk + 100, 0.2))
             n += 1
             up = Upload(key, data, self.history.begin(key, "tus", data))
             self.history.uploads.append(up)
